@@ -1,0 +1,132 @@
+"""One config system for every recipe: a typed dataclass is the schema, the CLI and YAML fill it.
+
+Each field becomes ``--field_name``; the field's ``help`` metadata is its help text. ``--config
+run.yaml`` loads values first and flags given on the command line override them. Unknown flags and
+unknown YAML keys are errors, and ``validate()`` on the dataclass (when it has one) runs before any
+model is loaded, so a bad value fails in the first second with a message that names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A flag or config value that cannot work; the message says what to change."""
+
+
+def field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its help text (shown by ``--help``)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """The scalar type behind an annotation and whether ``None`` is allowed."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported config annotation {annotation}")
+        return _base_type(args[0])[0], True
+    return annotation, False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false (got {text!r})")
+
+
+def _converter(kind: type, optional: bool):
+    scalar = _parse_bool if kind is bool else kind
+
+    def convert(text: str):
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        return scalar(text)
+
+    return convert
+
+
+def _coerce(name: str, kind: type, optional: bool, value: Any) -> Any:
+    """Check a YAML value against the field's type (ints are accepted where floats are expected)."""
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {name!r} must be {kind.__name__} (got {value!r})")
+    return value
+
+
+def parse(config_cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
+    """Build ``config_cls`` from ``--config`` YAML and command-line flags, then validate it."""
+    hints = typing.get_type_hints(config_cls)
+    parser = argparse.ArgumentParser(description=description or config_cls.__doc__, allow_abbrev=False)
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of field values; flags override it")
+    for f in dataclasses.fields(config_cls):
+        kind, optional = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(
+            f"--{f.name}",
+            type=_converter(kind, optional),
+            default=argparse.SUPPRESS,
+            metavar=kind.__name__.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {default})",
+        )
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values: dict[str, Any] = {}
+    config_path = args.pop("config")
+    if config_path is not None:
+        values.update(_load_yaml(config_path, config_cls, hints))
+    values.update(args)
+    try:
+        config = config_cls(**values)
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as error:
+            parser.exit(2, f"error: {error}\n")
+    return config
+
+
+def _load_yaml(path: Path, config_cls: type, hints: dict[str, Any]) -> dict[str, Any]:
+    if not path.is_file():
+        raise SystemExit(f"error: --config {path} does not exist")
+    try:
+        import yaml
+    except ImportError:
+        raise SystemExit("error: --config needs PyYAML: pip install pyyaml") from None
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"error: --config {path} must hold a mapping of field names to values")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(loaded) - known)
+    if unknown:
+        raise SystemExit(f"error: --config {path} has unknown keys {unknown}; known keys: {sorted(known)}")
+    try:
+        return {name: _coerce(name, *_base_type(hints[name]), value) for name, value in loaded.items()}
+    except ConfigError as error:
+        raise SystemExit(f"error: --config {path}: {error}") from None
+
+
+def save(config: Any, path: str | Path) -> None:
+    """Write the resolved config as JSON beside the run's outputs."""
+    Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
