@@ -31,8 +31,8 @@ def field(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """The scalar type behind an annotation and whether ``None`` is allowed."""
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """The type behind an annotation (a scalar or ``tuple[scalar, ...]``) and whether ``None`` is allowed."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -51,21 +51,41 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false (got {text!r})")
 
 
-def _converter(kind: type, optional: bool):
-    scalar = _parse_bool if kind is bool else kind
+def _element_type(kind: Any) -> type | None:
+    """``int`` for ``tuple[int, ...]``; ``None`` for a scalar type."""
+    if typing.get_origin(kind) is tuple:
+        return typing.get_args(kind)[0]
+    return None
+
+
+def _converter(kind: Any, optional: bool):
+    element = _element_type(kind)
+    scalar = _parse_bool if (element or kind) is bool else (element or kind)
 
     def convert(text: str):
         if optional and text.lower() in ("none", "null", ""):
             return None
+        if element is not None:
+            return tuple(scalar(part) for part in text.split(",") if part.strip())
         return scalar(text)
 
     return convert
 
 
-def _coerce(name: str, kind: type, optional: bool, value: Any) -> Any:
+def _type_name(kind: Any) -> str:
+    element = _element_type(kind)
+    return f"{element.__name__.upper()},..." if element else kind.__name__.upper()
+
+
+def _coerce(name: str, kind: Any, optional: bool, value: Any) -> Any:
     """Check a YAML value against the field's type (ints are accepted where floats are expected)."""
     if value is None and optional:
         return None
+    element = _element_type(kind)
+    if element is not None:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {name!r} must be a list of {element.__name__} (got {value!r})")
+        return tuple(_coerce(name, element, False, item) for item in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -73,10 +93,10 @@ def _coerce(name: str, kind: type, optional: bool, value: Any) -> Any:
     return value
 
 
-def parse(config_cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
+def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None = None) -> C:
     """Build ``config_cls`` from ``--config`` YAML and command-line flags, then validate it."""
     hints = typing.get_type_hints(config_cls)
-    parser = argparse.ArgumentParser(description=description or config_cls.__doc__, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=prog, description=config_cls.__doc__, allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of field values; flags override it")
     for f in dataclasses.fields(config_cls):
         kind, optional = _base_type(hints[f.name])
@@ -85,7 +105,7 @@ def parse(config_cls: type[C], argv: list[str] | None = None, description: str |
             f"--{f.name}",
             type=_converter(kind, optional),
             default=argparse.SUPPRESS,
-            metavar=kind.__name__.upper(),
+            metavar=_type_name(kind),
             help=f"{f.metadata.get('help', '')} (default: {default})",
         )
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,20 @@
+"""``python -m stepdistill <command> [flags]``; commands: ``evaluate``."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"evaluate": "stepdistill.evaluate"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python -m stepdistill {{{','.join(COMMANDS)}}} [flags]  (add --help after a command)")
+    import importlib
+
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

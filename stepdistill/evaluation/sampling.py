@@ -1,0 +1,49 @@
+"""Sampling a pipeline for evaluation: the same prompts and the same initial noise for every model."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from diffusers import DiffusionPipeline
+
+
+def initial_noise(pipe: DiffusionPipeline, num_samples: int, seed: int) -> torch.Tensor:
+    """``(N, C, h, w)`` standard normal latents drawn from ``seed``: identical for every model of one family."""
+    channels = pipe.unet.config.in_channels
+    size = pipe.unet.config.sample_size
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((num_samples, channels, size, size), generator=generator)
+
+
+def number_of_function_evaluations(num_inference_steps: int, guidance_scale: float) -> int:
+    """Network calls per image: one per step, two with classifier-free guidance (conditional + unconditional)."""
+    return num_inference_steps * (2 if guidance_scale > 1 else 1)
+
+
+@torch.no_grad()
+def generate(
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> tuple[torch.Tensor, float]:
+    """Images ``(N, 3, H, W)`` in [-1, 1] for ``prompts`` and the seconds the pipeline took."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be ≥ 1 (got {num_inference_steps})")
+    latents = initial_noise(pipe, len(prompts), seed)
+    images, seconds = [], 0.0
+    for start in range(0, len(prompts), batch_size):
+        began = time.perf_counter()
+        batch = pipe(
+            prompt=prompts[start : start + batch_size],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            latents=latents[start : start + batch_size].to(pipe.device, pipe.unet.dtype),
+            output_type="pt",
+        ).images
+        seconds += time.perf_counter() - began
+        images.append(batch.float().cpu() * 2 - 1)
+    return torch.cat(images), seconds
