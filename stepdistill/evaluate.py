@@ -41,8 +41,8 @@ class EvaluateConfig:
     clip_model: str | None = field(None, "local CLIP model folder; enables CLIP score")
 
     def validate(self) -> None:
-        if self.num_samples < 1:
-            raise ConfigError(f"--num_samples must be ≥ 1 (got {self.num_samples})")
+        if self.num_samples < 2:
+            raise ConfigError(f"--num_samples must be ≥ 2, as Fréchet distances need two samples (got {self.num_samples})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be ≥ 1 (got {self.batch_size})")
         if not self.num_inference_steps or min(self.num_inference_steps) < 1:

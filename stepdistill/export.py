@@ -1,0 +1,93 @@
+"""Writing a student so that plain diffusers samples it correctly, and reading it back.
+
+Students sample with :func:`stepdistill.diffusion.few_step_sample` (predict x̂0, re-noise to the
+next timestep with fresh noise). diffusers' ``LCMScheduler`` computes exactly that when its
+consistency boundary mix is switched off: its output is c_skip(t)·x_t + c_out(t)·x̂0 with
+c_skip = σ_d² / ((s t)² + σ_d²), and with ``timestep_scaling`` s = 1e4 we get c_skip < 1e-8 for
+every t ≥ 1 (s = 10, LCM's own value, leaves ~1e-7). The timesteps an N-step student is trained
+on are read off that scheduler, so training and sampling agree by construction.
+
+* full weights: a complete pipeline folder (``DiffusionPipeline.from_pretrained(output_dir)``);
+* LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``pipe.load_lora_weights``)
+  plus ``scheduler/scheduler_config.json`` for ``LCMScheduler.from_pretrained(output_dir, subfolder="scheduler")``.
+
+Sample a student with ``guidance_scale=1`` (its guidance is distilled in) and its number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import DiffusionPipeline, LCMScheduler
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TIMESTEP_SCALING = 1e4
+
+
+def student_scheduler(teacher_scheduler) -> LCMScheduler:
+    """An ``LCMScheduler`` on the teacher's noise schedule that samples the student exactly."""
+    return LCMScheduler.from_config(
+        teacher_scheduler.config, timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False,
+        set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0,
+    )
+
+
+def student_timesteps(scheduler: LCMScheduler, num_steps: int) -> tuple[int, ...]:
+    """The timesteps the exported scheduler visits in ``num_steps`` steps (1 step: ``(999,)``)."""
+    if num_steps < 1:
+        raise ValueError(f"num_student_steps must be ≥ 1 (got {num_steps})")
+    scheduler.set_timesteps(num_steps)
+    return tuple(int(t) for t in scheduler.timesteps)
+
+
+def _write_metadata(output_dir: Path, num_steps: int, timesteps: tuple[int, ...], kind: str) -> None:
+    info = {
+        "format": kind,
+        "num_inference_steps": num_steps,
+        "timesteps": list(timesteps),
+        "guidance_scale": 1.0,
+        "scheduler": "LCMScheduler",
+    }
+    (output_dir / "stepdistill_student.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def export_full(
+    teacher_pipeline: DiffusionPipeline, student_unet: nn.Module, output_dir: str | Path, num_steps: int
+) -> Path:
+    """Save the teacher's pipeline with the student's UNet and the student scheduler."""
+    output_dir = Path(output_dir)
+    scheduler = student_scheduler(teacher_pipeline.scheduler)
+    timesteps = student_timesteps(scheduler, num_steps)
+    components = {**teacher_pipeline.components, "unet": student_unet, "scheduler": scheduler}
+    student_pipeline = type(teacher_pipeline)(**components)
+    student_pipeline.save_pretrained(output_dir, safe_serialization=True)
+    _write_metadata(output_dir, num_steps, timesteps, "full")
+    return output_dir
+
+
+def export_lora(
+    teacher_pipeline: DiffusionPipeline, unet: nn.Module, adapter: str, output_dir: str | Path, num_steps: int
+) -> Path:
+    """Save one peft adapter of ``unet`` as diffusers LoRA weights plus the student scheduler."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    type(teacher_pipeline).save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
+    scheduler = student_scheduler(teacher_pipeline.scheduler)
+    scheduler.save_pretrained(output_dir / "scheduler")
+    _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps), "lora")
+    return output_dir
+
+
+def load_lora_student(teacher_path: str | Path, lora_dir: str | Path) -> DiffusionPipeline:
+    """The teacher pipeline with a LoRA student loaded and the student scheduler set."""
+    from stepdistill.models.loading import load_pipeline
+
+    pipe = load_pipeline(teacher_path)
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.scheduler = LCMScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
+    return pipe

@@ -1,0 +1,37 @@
+"""What the trainer needs from a method, and the batch every method receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+Losses = dict[str, torch.Tensor]
+"""Named scalar losses; ``"loss"`` is the one to minimise, the others are logged."""
+
+
+@dataclass
+class Batch:
+    """One training batch: text embeddings ``(B, L, D)``, their unconditional counterpart, and
+    (for methods with a GAN or data term) scaled VAE latents of real images ``(B, C, h, w)``."""
+
+    text: torch.Tensor
+    uncond: torch.Tensor
+    real_latents: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.text.shape[0]
+
+
+class Method(Protocol):
+    """A distillation method is its math: two losses and the ratio of their updates."""
+
+    critic_steps_per_generator_step: int
+
+    def generator_loss(self, batch: Batch) -> Losses:
+        """Loss whose gradient updates the student (the trainer steps the generator optimiser)."""
+
+    def critic_loss(self, batch: Batch) -> Losses:
+        """Loss whose gradient updates the fake score and discriminator (the critic optimiser)."""

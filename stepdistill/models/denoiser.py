@@ -1,0 +1,94 @@
+"""The denoiser contract: ``x0, eps = denoiser(x_t, t, text)`` whatever the network predicts.
+
+Every method talks to teacher, student and fake score through :class:`Denoiser`, which wraps a
+diffusers ``UNet2DConditionModel`` and the teacher's :class:`~stepdistill.diffusion.NoiseProcess`.
+With LoRA, several denoisers share one UNet and differ only in the adapter they switch on
+(``adapter=None`` means the frozen base, i.e. the teacher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stepdistill.diffusion import NoiseProcess, classifier_free_guidance
+
+
+@contextlib.contextmanager
+def active_adapter(unet: nn.Module, adapter: str | None):
+    """Run ``unet`` with only ``adapter`` on (``None``: the base weights); restore the previous state after."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        yield
+        return
+    previous = unet.active_adapters()
+    previous = [previous] if isinstance(previous, str) else list(previous)
+    if adapter is None:
+        unet.disable_adapters()
+    elif previous != [adapter]:
+        unet.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        if adapter is None:
+            unet.enable_adapters()
+        if adapter is not None and adapter not in previous or len(previous) > 1:
+            unet.set_adapter(previous)
+
+
+@dataclass
+class Prediction:
+    """A denoiser's output: clean sample and noise estimates, plus mid-block features when asked."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+class Denoiser(nn.Module):
+    """Wrap a UNet so it returns (x̂0, ε̂); optionally with classifier-free guidance."""
+
+    def __init__(self, unet: nn.Module, process: NoiseProcess, adapter: str | None = None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.process = process
+        self.adapter = adapter
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        return_features: bool = False,
+    ) -> Prediction:
+        """Denoise ``x_t`` at integer timesteps ``t`` (shape ``(B,)``) given text embeddings ``(B, L, D)``.
+
+        With ``guidance_scale != 1`` the unconditional embeddings ``uncond`` are required and the
+        network runs once on the doubled batch; CFG is applied to the raw prediction (equivalent
+        to applying it to x̂0 or ε̂, which are affine in it at fixed x_t).
+        """
+        if t.shape != (x_t.shape[0],):
+            raise ValueError(f"t must have shape ({x_t.shape[0]},) (got {tuple(t.shape)})")
+        guided = guidance_scale != 1.0
+        if guided and uncond is None:
+            raise ValueError("classifier-free guidance needs unconditional embeddings")
+        features: list[torch.Tensor] = []
+        hook = self.unet.mid_block.register_forward_hook(lambda m, i, o: features.append(o)) if return_features else None
+        try:
+            with active_adapter(self.unet, self.adapter):
+                if guided:
+                    both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond])).sample
+                    conditional, unconditional = both.chunk(2)
+                    prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)
+                else:
+                    prediction = self.unet(x_t, t, text).sample
+        finally:
+            if hook is not None:
+                hook.remove()
+        x0, eps = self.process.to_x0_eps(prediction.float(), x_t.float(), t)
+        mid = features[0][: x_t.shape[0]] if features else None
+        return Prediction(x0=x0, eps=eps, features=mid)

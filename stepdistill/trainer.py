@@ -1,0 +1,245 @@
+"""The one training loop under every recipe, on ``accelerate``; it knows nothing of any method's math.
+
+One *training step* is one generator update, preceded by ``method.critic_steps_per_generator_step``
+critic updates (the two time-scale update rule of DMD2; 1 for methods without a critic):
+
+    for step in 1..max_train_steps:
+        repeat k times:  critic_loss(batch)    → critic optimiser (fake score + discriminator)
+        generator_loss(batch)                  → generator optimiser (student), EMA update
+        every checkpointing_steps: atomic checkpoint;  every validation_steps: callback
+
+Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
+and is skipped (and counted) if its loss is not finite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from stepdistill.methods.base import Batch, Losses, Method
+
+logger = get_logger(__name__)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop's settings; recipes embed these in their own config."""
+
+    output_dir: str
+    max_train_steps: int
+    learning_rate: float
+    critic_learning_rate: float
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01
+    max_grad_norm: float = 10.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    ema_decay: float = 0.0
+    checkpointing_steps: int = 0
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str | None = None
+    validation_steps: int = 0
+    seed: int = 0
+
+
+class EMA:
+    """Exponential moving average of parameters, θ_ema ← d θ_ema + (1 − d) θ."""
+
+    def __init__(self, parameters: list[nn.Parameter], decay: float) -> None:
+        self.parameters = parameters
+        self.decay = decay
+        self.shadow = [p.detach().clone().float() for p in parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, param in zip(self.shadow, self.parameters):
+            shadow.lerp_(param.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_parameters(self) -> None:
+        for shadow, param in zip(self.shadow, self.parameters):
+            param.copy_(shadow.to(param.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = [s.clone() for s in state["shadow"]]
+
+
+class Progress:
+    """The counters a resumed run needs (accelerate checkpoints it alongside the models)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.skipped_updates = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_updates": self.skipped_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped_updates = state["step"], state["skipped_updates"]
+
+
+def find_checkpoint(output_dir: str | Path, request: str) -> Path:
+    """Resolve ``--resume_from_checkpoint`` (``latest`` or a path) to a complete checkpoint folder."""
+    if request == "latest":
+        folders = [p for p in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name)]
+        if not folders:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
+        return max(folders, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+    path = Path(request)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {request}: no such checkpoint folder")
+    return path
+
+
+class Trainer:
+    """Drive ``method`` over ``next_batch()`` with a generator optimiser and a critic optimiser."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        method: Method,
+        generator_modules: list[nn.Module],
+        generator_parameters: list[nn.Parameter],
+        critic_modules: list[nn.Module],
+        critic_parameters: list[nn.Parameter],
+        next_batch: Callable[[], Batch],
+        accelerator: Accelerator | None = None,
+        on_validation: Callable[[int], dict] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.method = method
+        self.next_batch = next_batch
+        self.on_validation = on_validation
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        set_seed(cfg.seed)
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        self.generator_optimizer = torch.optim.AdamW(
+            generator_parameters, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay
+        )
+        self.critic_optimizer = (
+            torch.optim.AdamW(critic_parameters, lr=cfg.critic_learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay)
+            if critic_parameters else None
+        )
+        modules = list({id(m): m for m in generator_modules + critic_modules}.values())
+        prepared = self.accelerator.prepare(*modules, *[o for o in (self.generator_optimizer, self.critic_optimizer) if o])
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        self.generator_optimizer = prepared[len(modules)]
+        if self.critic_optimizer is not None:
+            self.critic_optimizer = prepared[len(modules) + 1]
+        self.generator_parameters, self.critic_parameters = generator_parameters, critic_parameters
+        self.ema = EMA(generator_parameters, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.progress = Progress()
+        self.accelerator.register_for_checkpointing(self.progress)
+        if self.ema is not None:
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.log_path = Path(cfg.output_dir) / "train_log.jsonl"
+
+    # -- one update -------------------------------------------------------------------------
+    def _update(self, loss_fn: Callable[[Batch], Losses], optimizer, parameters) -> Losses | None:
+        """Accumulate gradients over micro-batches, clip, step; ``None`` if the loss was not finite."""
+        optimizer.zero_grad(set_to_none=True)
+        totals: Losses = {}
+        for _ in range(self.cfg.gradient_accumulation_steps):
+            with self.accelerator.autocast():
+                losses = loss_fn(self.next_batch())
+            if not torch.isfinite(losses["loss"]):
+                optimizer.zero_grad(set_to_none=True)
+                self.progress.skipped_updates += 1
+                logger.warning(f"non-finite loss at step {self.progress.step}; update skipped")
+                return None
+            self.accelerator.backward(losses["loss"] / self.cfg.gradient_accumulation_steps)
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value.detach() / self.cfg.gradient_accumulation_steps
+        if self.cfg.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` atomically (a temporary folder renamed when complete)."""
+        final = Path(self.cfg.output_dir) / f"checkpoint-{self.progress.step}"
+        partial = final.with_name(final.name + ".partial")
+        if self.accelerator.is_main_process and partial.exists():
+            shutil.rmtree(partial)
+        self.accelerator.save_state(str(partial))
+        if self.accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune_checkpoints()
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        folders = sorted(
+            (p for p in Path(self.cfg.output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name)),
+            key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)),
+        )
+        for old in folders[: max(0, len(folders) - self.cfg.checkpoints_total_limit)]:
+            shutil.rmtree(old)
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.log_path.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> Progress:
+        cfg = self.cfg
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.resume_from_checkpoint:
+            checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+            self.accelerator.load_state(str(checkpoint))
+            logger.info(f"resumed from {checkpoint} at step {self.progress.step}", main_process_only=True)
+        critic_steps = getattr(self.method, "critic_steps_per_generator_step", 1) if self.critic_optimizer else 0
+        bar = tqdm(
+            total=cfg.max_train_steps, initial=self.progress.step, desc="distilling",
+            disable=not self.accelerator.is_local_main_process,
+        )
+        started = time.perf_counter()
+        while self.progress.step < cfg.max_train_steps:
+            record: dict[str, float] = {}
+            for _ in range(critic_steps):
+                critic_losses = self._update(self.method.critic_loss, self.critic_optimizer, self.critic_parameters)
+                if critic_losses:
+                    record.update({f"critic/{k}": v.item() for k, v in critic_losses.items()})
+            generator_losses = self._update(self.method.generator_loss, self.generator_optimizer, self.generator_parameters)
+            if generator_losses:
+                record.update({f"generator/{k}": v.item() for k, v in generator_losses.items()})
+                if self.ema is not None:
+                    self.ema.update()
+            self.progress.step += 1
+            record.update(step=self.progress.step, seconds=time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")})
+            if cfg.validation_steps and self.on_validation and self.progress.step % cfg.validation_steps == 0:
+                record.update(self.on_validation(self.progress.step))
+            self._log(record)
+            if cfg.checkpointing_steps and self.progress.step % cfg.checkpointing_steps == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.accelerator.wait_for_everyone()
+        return self.progress
+

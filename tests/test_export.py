@@ -1,0 +1,97 @@
+"""Plain diffusers samples an exported student exactly as the trainer's own sampler does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stepdistill import export
+from stepdistill.diffusion import few_step_sample
+from stepdistill.models import networks
+from stepdistill.models.loading import load_pipeline
+from stepdistill.models.teacher import load_teacher
+
+PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
+
+
+def perturbed_networks(folder, use_lora: bool) -> tuple:
+    """Teacher and networks whose student differs from the teacher (as after training)."""
+    teacher = load_teacher(str(folder))
+    nets = networks.build_networks(teacher.unet, teacher.process, use_lora=use_lora, lora_rank=4)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in nets.generator_parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return teacher, nets
+
+
+def own_samples(teacher, nets, num_steps: int) -> torch.Tensor:
+    text = teacher.encode_prompts(PROMPTS)
+    timesteps = export.student_timesteps(export.student_scheduler(teacher.pipeline.scheduler), num_steps)
+    noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return few_step_sample(
+            lambda x, t: nets.student(x, t, text).x0, noise, timesteps, teacher.process,
+            generator=torch.Generator().manual_seed(2),
+        )
+
+
+def diffusers_samples(pipe, teacher, num_steps: int) -> torch.Tensor:
+    noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
+    return pipe(
+        prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=1.0, latents=noise,
+        generator=torch.Generator().manual_seed(2), output_type="latent",
+    ).images
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_full_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, num_steps):
+    teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=False)
+    export.export_full(teacher.pipeline, nets.student.unet, tmp_path, num_steps)
+    pipe = load_pipeline(tmp_path)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    assert json.loads((tmp_path / "stepdistill_student.json").read_text())["num_inference_steps"] == num_steps
+    expected = own_samples(teacher, nets, num_steps)
+    torch.testing.assert_close(diffusers_samples(pipe, teacher, num_steps), expected, rtol=1e-5, atol=1e-5)
+    # and it really is the student, not the teacher
+    assert not torch.allclose(diffusers_samples(teacher.pipeline, teacher, num_steps), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_lora_export_loads_with_load_lora_weights(tiny_pipeline_dir, tmp_path, num_steps):
+    teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=True)
+    expected = own_samples(teacher, nets, num_steps)
+    export.export_lora(teacher.pipeline, nets.student.unet, networks.STUDENT, tmp_path, num_steps)
+    assert (tmp_path / export.LORA_WEIGHTS).is_file()
+    pipe = export.load_lora_student(tiny_pipeline_dir, tmp_path)
+    torch.testing.assert_close(diffusers_samples(pipe, teacher, num_steps), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_student_and_fake_score_share_one_unet(tiny_pipeline_dir):
+    teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=True)
+    assert nets.student.unet is nets.fake_score.unet is nets.teacher.unet
+    x_t = torch.randn((1, *teacher.latent_shape))
+    t = torch.tensor([500])
+    text = teacher.encode_prompts(PROMPTS[:1])
+    with torch.no_grad():
+        student, fake, base = (d(x_t, t, text).x0 for d in (nets.student, nets.fake_score, nets.teacher))
+    # the fake-score adapter is untouched (B = 0), so it equals the teacher; the student differs
+    torch.testing.assert_close(fake, base)
+    assert not torch.allclose(student, base, atol=1e-4)
+    # trainable sets are disjoint and the base weights are frozen
+    student_ids = {id(p) for p in nets.generator_parameters()}
+    assert not student_ids & {id(p) for p in nets.critic_parameters()}
+    frozen = [p for n, p in nets.teacher.unet.named_parameters() if "lora" not in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_student_timesteps():
+    from diffusers import DDPMScheduler
+
+    scheduler = export.student_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    assert export.student_timesteps(scheduler, 1) == (999,)
+    assert export.student_timesteps(scheduler, 4) == (999, 759, 499, 259)
+    with pytest.raises(ValueError, match="≥ 1"):
+        export.student_timesteps(scheduler, 0)

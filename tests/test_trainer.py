@@ -1,0 +1,100 @@
+"""The shared loop: TTUR ratio, accumulation, the non-finite guard, EMA and checkpoint/resume."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stepdistill.methods.base import Batch
+from stepdistill.trainer import EMA, Trainer, TrainerConfig, find_checkpoint
+
+
+class CountingMethod:
+    """A quadratic toy: the generator and critic each pull one parameter towards a target."""
+
+    def __init__(self, critic_steps: int, generator: nn.Linear, critic: nn.Linear, poison_step: int | None = None):
+        self.critic_steps_per_generator_step = critic_steps
+        self.generator, self.critic = generator, critic
+        self.generator_calls = self.critic_calls = 0
+        self.poison_step = poison_step
+
+    def generator_loss(self, batch: Batch):
+        self.generator_calls += 1
+        loss = (self.generator.weight - 1).square().sum()
+        if self.generator_calls == self.poison_step:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+    def critic_loss(self, batch: Batch):
+        self.critic_calls += 1
+        return {"loss": (self.critic.weight + 1).square().sum()}
+
+
+def make_trainer(tmp_path, critic_steps=3, steps=4, accumulation=1, poison_step=None, **overrides):
+    generator, critic = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+    method = CountingMethod(critic_steps, generator, critic, poison_step)
+    cfg = TrainerConfig(output_dir=str(tmp_path), max_train_steps=steps, learning_rate=0.1, critic_learning_rate=0.1,
+                        adam_weight_decay=0.0, gradient_accumulation_steps=accumulation, **overrides)
+    batch = Batch(text=torch.zeros(1, 1, 1), uncond=torch.zeros(1, 1, 1))
+    trainer = Trainer(cfg, method, [generator], list(generator.parameters()), [critic], list(critic.parameters()),
+                      next_batch=lambda: batch)
+    return trainer, method
+
+
+def optimizer_steps(optimizer) -> int:
+    return int(next(iter(optimizer.state.values()))["step"])
+
+
+def test_ttur_ratio_is_respected(tmp_path):
+    trainer, method = make_trainer(tmp_path, critic_steps=3, steps=4)
+    trainer.fit()
+    assert (method.generator_calls, method.critic_calls) == (4, 12)
+    assert optimizer_steps(trainer.generator_optimizer) == 4
+    assert optimizer_steps(trainer.critic_optimizer) == 12
+    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 4
+
+
+def test_gradient_accumulation_draws_micro_batches(tmp_path):
+    trainer, method = make_trainer(tmp_path, critic_steps=2, steps=3, accumulation=4)
+    trainer.fit()
+    assert (method.generator_calls, method.critic_calls) == (12, 24)
+    assert optimizer_steps(trainer.generator_optimizer) == 3
+
+
+def test_non_finite_loss_skips_the_update(tmp_path):
+    trainer, method = make_trainer(tmp_path, critic_steps=1, steps=3, poison_step=2)
+    trainer.fit()
+    assert trainer.progress.skipped_updates == 1
+    assert optimizer_steps(trainer.generator_optimizer) == 2
+    assert torch.isfinite(method.generator.weight).all()
+
+
+def test_ema_tracks_the_parameters():
+    param = nn.Parameter(torch.zeros(3))
+    ema = EMA([param], decay=0.5)
+    with torch.no_grad():
+        param.fill_(1.0)
+    ema.update()
+    ema.update()
+    ema.copy_to_parameters()
+    torch.testing.assert_close(param.data, torch.full((3,), 0.75))
+
+
+def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
+    full, full_method = make_trainer(tmp_path / "full", steps=6)
+    full.fit()
+    first, _ = make_trainer(tmp_path / "split", steps=3, checkpointing_steps=3)
+    first.fit()
+    assert find_checkpoint(tmp_path / "split", "latest").name == "checkpoint-3"
+    assert not list((tmp_path / "split").glob("*.partial"))
+    second, second_method = make_trainer(tmp_path / "split", steps=6, resume_from_checkpoint="latest")
+    second.fit()
+    assert second.progress.step == 6 and second_method.generator_calls == 3
+    torch.testing.assert_close(second_method.generator.weight, full_method.generator.weight)
+    torch.testing.assert_close(second_method.critic.weight, full_method.critic.weight)
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    trainer, _ = make_trainer(tmp_path, steps=6, checkpointing_steps=1, checkpoints_total_limit=2)
+    trainer.fit()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
