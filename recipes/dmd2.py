@@ -173,15 +173,16 @@ def main(cfg: DMD2Config) -> None:
     if cfg.dry_run:
         print("flags are valid; --dry_run set, exiting before loading any model")
         return
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    configs.save(cfg, output_dir / "config.json")
 
     # 1. the frozen teacher, its noise process and cached text embeddings
     teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     teacher.pipeline.to(accelerator.device)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        configs.save(cfg, output_dir / "config.json")
     prompts, real_latents = training_data(cfg, teacher)
     text = teacher.encode_prompts(prompts)
     uncond = teacher.encode_prompts([""]).expand(cfg.train_batch_size, -1, -1)

@@ -1,0 +1,101 @@
+"""recipes/dmd2.py end to end on a tiny random-weight SD pipeline: the code path a hub model takes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from stepdistill import config as configs
+from stepdistill.models.loading import PipelineError, load_pipeline
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dmd2.py"
+
+
+@pytest.fixture(scope="module")
+def dmd2():
+    spec = importlib.util.spec_from_file_location("dmd2_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smoke_config(dmd2, teacher_dir, output_dir, **overrides):
+    values = dict(
+        pretrained_model_name_or_path=str(teacher_dir), output_dir=str(output_dir), max_train_steps=2,
+        train_batch_size=2, critic_steps_per_generator_step=2, eval_num_samples=10, teacher_eval_steps=2,
+    )
+    values.update(overrides)
+    return dmd2.DMD2Config(**values)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_two_steps_then_export_and_report(dmd2, tiny_pipeline_dir, tmp_path, use_lora, shipped_classifier):
+    cfg = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, use_lora=use_lora)
+    dmd2.main(cfg)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]
+    assert all("critic/gan_critic" in row and "generator/dmd" in row for row in log)
+    report = json.loads((tmp_path / "report.json").read_text())
+    models = {(r["model"], r["num_inference_steps"]) for r in report["results"]}
+    assert models == {("student", 1), ("teacher", 2)}
+    student = tmp_path / "student"
+    if use_lora:
+        assert (student / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        assert type(load_pipeline(student).scheduler).__name__ == "LCMScheduler"
+
+
+def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tmp_path, shipped_classifier):
+    cfg = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.0,
+                       gan_critic_weight=0.0, checkpointing_steps=1)
+    dmd2.main(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {(r["model"], r["num_inference_steps"]) for r in report["results"]} >= {("student", 1), ("student", 2)}
+    assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["timesteps"] == [999, 499]
+    # resume from the last checkpoint and train two more steps
+    resumed = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.0,
+                           gan_critic_weight=0.0, max_train_steps=4, resume_from_checkpoint="latest")
+    dmd2.main(resumed)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
+        (["--resume_from_checkpoint", "nowhere/checkpoint-9"], "no such checkpoint"),
+        (["--resume_from_checkpoint", "latest", "--output_dir", "/tmp/stepdistill-no-such-run"], "no checkpoint-"),
+        (["--mixed_precision", "fp8"], "--mixed_precision"),
+        (["--learning_rate", "0"], "--learning_rate must be > 0"),
+        (["--prompts_file", "missing.txt"], "--prompts_file missing.txt does not exist"),
+        (["--ema_decay", "1.5"], "--ema_decay"),
+    ],
+)
+def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        configs.parse(dmd2.DMD2Config, flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_teachers_are_refused_before_training(dmd2, tmp_path):
+    with pytest.raises(PipelineError, match="no pipeline at"):
+        dmd2.main(smoke_config(dmd2, tmp_path / "missing", tmp_path / "out"))
+    unconditional = tmp_path / "ddpm"
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(unconditional)
+    with pytest.raises(PipelineError, match="not a text-to-image pipeline"):
+        dmd2.main(smoke_config(dmd2, unconditional, tmp_path / "out"))
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+
+
+def test_dry_run_validates_and_exits(dmd2, tmp_path, capsys):
+    dmd2.main(configs.parse(dmd2.DMD2Config, ["--dry_run", "true", "--output_dir", str(tmp_path / "dry")]))
+    assert "flags are valid" in capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
