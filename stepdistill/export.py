@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 from diffusers import DiffusionPipeline, LCMScheduler
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
@@ -32,7 +31,7 @@ def student_scheduler(teacher_scheduler) -> LCMScheduler:
     """An ``LCMScheduler`` on the teacher's noise schedule that samples the student exactly."""
     return LCMScheduler.from_config(
         teacher_scheduler.config, timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False,
-        set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0,
+        set_alpha_to_one=True, timestep_spacing="trailing",
     )
 
 
@@ -75,7 +74,7 @@ def export_lora(
     """Save one peft adapter of ``unet`` as diffusers LoRA weights plus the student scheduler."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    state = get_peft_model_state_dict(unet, adapter_name=adapter)  # diffusers reads peft keys as they are
     type(teacher_pipeline).save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
     scheduler = student_scheduler(teacher_pipeline.scheduler)
     scheduler.save_pretrained(output_dir / "scheduler")

@@ -9,6 +9,7 @@ start as exact copies of the teacher.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +85,10 @@ def build_networks(
     if use_lora:
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be ≥ 1 (got {lora_rank})")
-        for adapter in (STUDENT, FAKE_SCORE):
-            teacher_unet.add_adapter(lora_config(lora_rank), adapter_name=adapter)
+        with warnings.catch_warnings():  # peft warns about a second adapter, which is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for adapter in (STUDENT, FAKE_SCORE):
+                teacher_unet.add_adapter(lora_config(lora_rank), adapter_name=adapter)
         for name, param in teacher_unet.named_parameters():
             param.requires_grad_(f".{STUDENT}." in name or f".{FAKE_SCORE}." in name)
         teacher_unet.set_adapter(STUDENT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dmd2.py"
 def dmd2():
     spec = importlib.util.spec_from_file_location("dmd2_recipe", RECIPE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 

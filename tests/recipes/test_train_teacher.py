@@ -41,7 +41,6 @@ def test_batches_cover_every_index_each_epoch(train_teacher):
     assert sorted(drawn[:10].tolist()) == list(range(10)) and sorted(drawn[10:].tolist()) == list(range(10))
 
 
-@pytest.mark.slow
 def test_two_step_run_writes_a_loadable_teacher(train_teacher, tmp_path):
     cfg = train_teacher.TeacherConfig(output_dir=str(tmp_path), classifier_steps=2, vae_steps=2, unet_steps=2, batch_size=8)
     train_teacher.main(cfg)
