@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from stepdistill import config as configs
@@ -39,7 +40,9 @@ from stepdistill.evaluation.sampling import generate
 from stepdistill.models import networks
 from stepdistill.models.loading import PipelineError, load_pipeline
 from stepdistill.models.teacher import Teacher, load_teacher
-from stepdistill.trainer import Trainer, TrainerConfig, find_checkpoint
+from stepdistill.trainer import Trainer, TrainerConfig, find_checkpoint, require_single_process
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -56,7 +59,7 @@ class DMD2Config:
     prompts_file: str | None = field(None, ".txt / .jsonl prompts (default: the digits captions)")
     train_data_dir: str | None = field(None, "captioned image folder (metadata.jsonl) for the GAN term")
     # method
-    num_student_steps: int = field(1, "sampling steps of the student (1-4; >1 uses backward simulation)")
+    num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50; >1 uses backward simulation)")
     guidance_scale: float = field(1.0, "teacher classifier-free guidance in the distribution-matching loss")
     critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR)")
     gan_generator_weight: float = field(3e-3, "weight of the GAN term in the student loss (0: off)")
@@ -95,6 +98,17 @@ class DMD2Config:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{name} must be > 0 (got {value})")
+        if self.num_student_steps > 50:
+            raise ConfigError(f"--num_student_steps must be ≤ 50, the student scheduler's grid (got {self.num_student_steps})")
+        if self.eval_num_samples == 1:
+            raise ConfigError("--eval_num_samples must be 0 (no report) or ≥ 2 (FD needs two samples)")
+        if self.use_lora and self.gradient_checkpointing:
+            raise ConfigError(
+                "--use_lora with --gradient_checkpointing is not supported: the recomputed forward would run with "
+                "the wrong adapter active; drop one of the two"
+            )
+        if self.prompts_file and self.train_data_dir:
+            raise ConfigError("give --prompts_file or --train_data_dir (whose captions are the prompts), not both")
         for name in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "guidance_scale",
                      "max_grad_norm", "eval_num_samples", "teacher_eval_steps", "checkpointing_steps"):
             if getattr(self, name) < 0:
@@ -147,8 +161,10 @@ def regression_pairs(teacher: Teacher, text: torch.Tensor, cfg: DMD2Config):
 
 def final_report(cfg: DMD2Config, teacher: Teacher, student_dir: Path, output_dir: Path) -> dict:
     """Score the exported student (as plain diffusers loads it) and the teacher on the same noise."""
-    student = export.load_lora_student(cfg.pretrained_model_name_or_path, student_dir) if cfg.use_lora \
-        else load_pipeline(student_dir)
+    if cfg.use_lora:
+        student = export.load_lora_student(cfg.pretrained_model_name_or_path, student_dir, cfg.revision, cfg.variant)
+    else:
+        student = load_pipeline(student_dir)
     eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
     image_size = teacher.unet.config.sample_size * teacher.pipeline.vae_scale_factor
     if not cfg.uses_digits or image_size != digits.IMAGE_SIZE:  # no offline metric: a grid of the prompts
@@ -170,10 +186,12 @@ def final_report(cfg: DMD2Config, teacher: Teacher, student_dir: Path, output_di
 
 
 def main(cfg: DMD2Config) -> None:
+    cfg.validate()
     if cfg.dry_run:
         print("flags are valid; --dry_run set, exiting before loading any model")
         return
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    require_single_process(accelerator)
     set_seed(cfg.seed)
 
     # 1. the frozen teacher, its noise process and cached text embeddings
@@ -189,6 +207,8 @@ def main(cfg: DMD2Config) -> None:
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
     with_gan = real_latents is not None and (cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0)
+    if real_latents is None and (cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0):
+        logger.warning("no real images (--train_data_dir), so the GAN term is off; distribution matching only")
     nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_discriminator=with_gan)
     if cfg.gradient_checkpointing:
         for unet in {id(n.unet): n.unet for n in (nets.student, nets.fake_score)}.values():

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -122,7 +123,8 @@ def few_step_sample(
     it was the last step, re-noise it to the next timestep with fresh noise:
     x ← α_{t'} x̂0 + σ_{t'} ε. Returns the final x̂0, or with ``stop_before=k`` the noisy input
     of step k (DMD2's backward simulation trains the student on exactly those inputs). This is
-    what diffusers' ``LCMScheduler`` computes with the exported config and the same generator.
+    what diffusers' ``LCMScheduler`` computes with the exported config and the same generator
+    (noise drawn the same way, with ``randn_tensor``).
     """
     x = noise
     batch = noise.shape[0]
@@ -132,6 +134,6 @@ def few_step_sample(
         x0 = denoise(x, torch.full((batch,), int(t), dtype=torch.long, device=noise.device))
         if i == len(timesteps) - 1:
             return x0
-        fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        fresh = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x = process.add_noise(x0, fresh, torch.full((batch,), int(timesteps[i + 1]), dtype=torch.long))
     raise ValueError("timesteps must not be empty")

@@ -23,6 +23,8 @@ from diffusers import DiffusionPipeline, LCMScheduler
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from stepdistill.models.loading import load_pipeline
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TIMESTEP_SCALING = 1e4
 
@@ -82,11 +84,11 @@ def export_lora(
     return output_dir
 
 
-def load_lora_student(teacher_path: str | Path, lora_dir: str | Path) -> DiffusionPipeline:
+def load_lora_student(
+    teacher_path: str | Path, lora_dir: str | Path, revision: str | None = None, variant: str | None = None
+) -> DiffusionPipeline:
     """The teacher pipeline with a LoRA student loaded and the student scheduler set."""
-    from stepdistill.models.loading import load_pipeline
-
-    pipe = load_pipeline(teacher_path)
+    pipe = load_pipeline(teacher_path, revision=revision, variant=variant)
     pipe.load_lora_weights(str(lora_dir))
     pipe.scheduler = LCMScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
     return pipe

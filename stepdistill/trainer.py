@@ -30,6 +30,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from stepdistill.config import ConfigError
 from stepdistill.methods.base import Batch, Losses, Method
 
 logger = get_logger(__name__)
@@ -80,8 +81,8 @@ class EMA:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.shadow = [s.clone() for s in state["shadow"]]
+        self.decay = state["decay"]  # accelerate loads custom state on the CPU: move it back beside the weights
+        self.shadow = [s.to(p.device).clone() for s, p in zip(state["shadow"], self.parameters)]
 
 
 class Progress:
@@ -96,6 +97,16 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped_updates = state["step"], state["skipped_updates"]
+
+
+def require_single_process(accelerator: Accelerator) -> None:
+    """Refuse multi-process runs: methods call the networks directly, not accelerate's DDP wrappers,
+    so gradients would not be averaged across processes. Better no run than a silently wrong one."""
+    if accelerator.num_processes > 1:
+        raise ConfigError(
+            f"multi-process training is not supported yet (got {accelerator.num_processes} processes); "
+            "launch one: accelerate launch --num_processes 1 recipes/..."
+        )
 
 
 def find_checkpoint(output_dir: str | Path, request: str) -> Path:
@@ -131,6 +142,7 @@ class Trainer:
         self.next_batch = next_batch
         self.on_validation = on_validation
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        require_single_process(self.accelerator)
         set_seed(cfg.seed)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.generator_optimizer = torch.optim.AdamW(
@@ -184,6 +196,7 @@ class Trainer:
         if self.accelerator.is_main_process and partial.exists():
             shutil.rmtree(partial)
         self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
         if self.accelerator.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
@@ -223,8 +236,8 @@ class Trainer:
             record: dict[str, float] = {}
             for _ in range(critic_steps):
                 critic_losses = self._update(self.method.critic_loss, self.critic_optimizer, self.critic_parameters)
-                if critic_losses:
-                    record.update({f"critic/{k}": v.item() for k, v in critic_losses.items()})
+                for name, value in (critic_losses or {}).items():  # mean over the step's critic updates
+                    record[f"critic/{name}"] = record.get(f"critic/{name}", 0.0) + value.item() / critic_steps
             generator_losses = self._update(self.method.generator_loss, self.generator_optimizer, self.generator_parameters)
             if generator_losses:
                 record.update({f"generator/{k}": v.item() for k, v in generator_losses.items()})
@@ -233,7 +246,7 @@ class Trainer:
             self.progress.step += 1
             record.update(step=self.progress.step, seconds=time.perf_counter() - started)
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")})
+            bar.set_postfix({k.replace("/loss", ""): f"{v:.4g}" for k, v in record.items() if k.endswith("/loss")})
             if cfg.validation_steps and self.on_validation and self.progress.step % cfg.validation_steps == 0:
                 record.update(self.on_validation(self.progress.step))
             self._log(record)

@@ -95,3 +95,20 @@ def test_student_timesteps():
     assert export.student_timesteps(scheduler, 4) == (999, 759, 499, 259)
     with pytest.raises(ValueError, match="≥ 1"):
         export.student_timesteps(scheduler, 0)
+
+
+def test_lora_critic_update_trains_the_fake_score_adapter(tiny_pipeline_dir):
+    """peft's adapter switches flip requires_grad; both adapters must still receive gradients."""
+    teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=True)
+    x_t = torch.randn((2, *teacher.latent_shape))
+    t = torch.tensor([100, 700])
+    text = teacher.encode_prompts(PROMPTS)
+    student_x0 = nets.student(x_t, t, text).x0  # student graph first, then other adapters switch
+    fake_x0 = nets.fake_score(x_t, t, text).x0
+    with torch.no_grad():
+        nets.teacher(x_t, t, text)
+    (student_x0.square().mean() + fake_x0.square().mean()).backward()
+    assert all(p.grad is not None for p in nets.generator_parameters())
+    # the fake-score adapter starts with B = 0, so only its B matrices have non-zero gradients yet
+    assert all(p.grad is not None for p in nets.critic_parameters())
+    assert any(p.grad.abs().sum() > 0 for p in nets.critic_parameters())

@@ -90,6 +90,13 @@ class DMD2:
             raise ValueError("a GAN weight > 0 needs networks built with a discriminator")
         if self.regression_weight > 0 and self.regression_pairs is None:
             raise ValueError("regression_weight > 0 needs regression_pairs (noise, text, teacher output)")
+        first = self.student_timesteps[0]
+        if self.process.prediction_type == "epsilon" and self.process.alphas_cumprod[first] < 1e-4:
+            raise ValueError(
+                f"an ε-prediction teacher with ᾱ_{first} = {float(self.process.alphas_cumprod[first]):.1e} cannot give a "
+                "one-step x0 at its first timestep (x0 = (x_t − σ ε) / α explodes); use a teacher with Stable "
+                "Diffusion's scaled_linear schedule or a v-prediction teacher"
+            )
 
     @property
     def uses_gan(self) -> bool:

@@ -8,7 +8,6 @@ With LoRA, several denoisers share one UNet and differ only in the adapter they 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,25 +16,23 @@ from torch import nn
 from stepdistill.diffusion import NoiseProcess, classifier_free_guidance
 
 
-@contextlib.contextmanager
-def active_adapter(unet: nn.Module, adapter: str | None):
-    """Run ``unet`` with only ``adapter`` on (``None``: the base weights); restore the previous state after."""
+def select_adapter(unet: nn.Module, adapter: str | None) -> None:
+    """Switch a peft UNet to ``adapter`` alone (``None``: the base weights, adapters off).
+
+    peft's switches also flip ``requires_grad`` (on for the active adapter, off for the rest).
+    Autograd reads that flag at backward time, after other denoisers have switched again, so we set
+    every LoRA weight back to trainable: which weights an update changes is the optimiser's business.
+    """
     if not getattr(unet, "_hf_peft_config_loaded", False):
-        yield
         return
-    previous = unet.active_adapters()
-    previous = [previous] if isinstance(previous, str) else list(previous)
     if adapter is None:
         unet.disable_adapters()
-    elif previous != [adapter]:
+    else:
+        unet.enable_adapters()
         unet.set_adapter(adapter)
-    try:
-        yield
-    finally:
-        if adapter is None:
-            unet.enable_adapters()
-        if adapter is not None and adapter not in previous or len(previous) > 1:
-            unet.set_adapter(previous)
+    for name, param in unet.named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(True)
 
 
 @dataclass
@@ -79,13 +76,13 @@ class Denoiser(nn.Module):
         features: list[torch.Tensor] = []
         hook = self.unet.mid_block.register_forward_hook(lambda m, i, o: features.append(o)) if return_features else None
         try:
-            with active_adapter(self.unet, self.adapter):
-                if guided:
-                    both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond])).sample
-                    conditional, unconditional = both.chunk(2)
-                    prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)
-                else:
-                    prediction = self.unet(x_t, t, text).sample
+            select_adapter(self.unet, self.adapter)
+            if guided:
+                both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond])).sample
+                conditional, unconditional = both.chunk(2)
+                prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)
+            else:
+                prediction = self.unet(x_t, t, text).sample
         finally:
             if hook is not None:
                 hook.remove()

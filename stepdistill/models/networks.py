@@ -17,7 +17,7 @@ from peft import LoraConfig
 from torch import nn
 
 from stepdistill.diffusion import NoiseProcess
-from stepdistill.models.denoiser import Denoiser
+from stepdistill.models.denoiser import Denoiser, select_adapter
 
 STUDENT, FAKE_SCORE = "student", "fake_score"
 LORA_TARGET_MODULES = (
@@ -89,9 +89,7 @@ def build_networks(
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for adapter in (STUDENT, FAKE_SCORE):
                 teacher_unet.add_adapter(lora_config(lora_rank), adapter_name=adapter)
-        for name, param in teacher_unet.named_parameters():
-            param.requires_grad_(f".{STUDENT}." in name or f".{FAKE_SCORE}." in name)
-        teacher_unet.set_adapter(STUDENT)
+        select_adapter(teacher_unet, STUDENT)
         student_unet = fake_unet = teacher_unet
     else:
         student_unet = copy.deepcopy(teacher_unet).requires_grad_(True).train()
