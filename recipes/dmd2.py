@@ -40,7 +40,7 @@ from stepdistill.evaluation.sampling import generate
 from stepdistill.models import networks
 from stepdistill.models.loading import PipelineError, load_pipeline
 from stepdistill.models.teacher import Teacher, load_teacher
-from stepdistill.trainer import Trainer, TrainerConfig, find_checkpoint, require_single_process
+from stepdistill.trainer import Trainer, TrainerConfig, find_checkpoint, require_single_process, set_cpu_threads
 
 logger = get_logger(__name__)
 
@@ -60,7 +60,7 @@ class DMD2Config:
     train_data_dir: str | None = field(None, "captioned image folder (metadata.jsonl) for the GAN term")
     # method
     num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50; >1 uses backward simulation)")
-    guidance_scale: float = field(1.0, "teacher classifier-free guidance in the distribution-matching loss")
+    guidance_scale: float = field(1.5, "teacher classifier-free guidance in the distribution-matching loss (1.5 is the digits teacher's best)")
     critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR)")
     gan_generator_weight: float = field(3e-3, "weight of the GAN term in the student loss (0: off)")
     gan_critic_weight: float = field(1e-2, "weight of the GAN term in the critic loss (0: off)")
@@ -68,7 +68,7 @@ class DMD2Config:
     num_regression_pairs: int = field(256, "noise/teacher-output pairs made at start when regression_weight > 0")
     # optimisation
     output_dir: str = field("outputs/dmd2", "where checkpoints, the student and report.json go")
-    max_train_steps: int = field(400, "student (generator) updates")
+    max_train_steps: int = field(300, "student (generator) updates")
     train_batch_size: int = field(32, "batch size of every update")
     learning_rate: float = field(1e-4, "student AdamW learning rate")
     critic_learning_rate: float | None = field(None, "fake score / discriminator learning rate (default: learning_rate)")
@@ -79,6 +79,7 @@ class DMD2Config:
     gradient_checkpointing: bool = field(False, "trade compute for memory in student and fake score")
     ema_decay: float = field(0.0, "EMA of the student weights that get exported (0: off)")
     seed: int = field(0, "seed of everything")
+    num_threads: int = field(0, "CPU threads for torch (0: all cores, shared among processes)")
     checkpointing_steps: int = field(0, "save a resumable checkpoint every N steps (0: off)")
     checkpoints_total_limit: int = field(2, "keep this many checkpoints")
     resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint folder")
@@ -192,6 +193,7 @@ def main(cfg: DMD2Config) -> None:
         return
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     require_single_process(accelerator)
+    set_cpu_threads(accelerator, cfg.num_threads)
     set_seed(cfg.seed)
 
     # 1. the frozen teacher, its noise process and cached text embeddings

@@ -109,6 +109,16 @@ def require_single_process(accelerator: Accelerator) -> None:
         )
 
 
+def set_cpu_threads(accelerator: Accelerator, num_threads: int = 0) -> None:
+    """On CPU, give torch ``num_threads`` threads (0: the machine's cores shared among the processes).
+
+    ``accelerate launch`` sets OMP_NUM_THREADS=1 when it is not configured, which halves CPU speed
+    on a 2-core machine; this puts the choice back with the run's config.
+    """
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+
+
 def find_checkpoint(output_dir: str | Path, request: str) -> Path:
     """Resolve ``--resume_from_checkpoint`` (``latest`` or a path) to a complete checkpoint folder."""
     if request == "latest":
