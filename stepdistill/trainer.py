@@ -6,7 +6,7 @@ critic updates (the two time-scale update rule of DMD2; 1 for methods without a 
     for step in 1..max_train_steps:
         repeat k times:  critic_loss(batch)    → critic optimiser (fake score + discriminator)
         generator_loss(batch)                  → generator optimiser (student), EMA update
-        every checkpointing_steps: atomic checkpoint;  every validation_steps: callback
+        every checkpointing_steps: atomic checkpoint
 
 Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
 and is skipped (and counted) if its loss is not finite.
@@ -55,7 +55,6 @@ class TrainerConfig:
     checkpointing_steps: int = 0
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str | None = None
-    validation_steps: int = 0
     seed: int = 0
 
 
@@ -145,12 +144,10 @@ class Trainer:
         critic_parameters: list[nn.Parameter],
         next_batch: Callable[[], Batch],
         accelerator: Accelerator | None = None,
-        on_validation: Callable[[int], dict] | None = None,
     ) -> None:
         self.cfg = cfg
         self.method = method
         self.next_batch = next_batch
-        self.on_validation = on_validation
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         require_single_process(self.accelerator)
         set_seed(cfg.seed)
@@ -257,8 +254,6 @@ class Trainer:
             record.update(step=self.progress.step, seconds=time.perf_counter() - started)
             bar.update(1)
             bar.set_postfix({k.replace("/loss", ""): f"{v:.4g}" for k, v in record.items() if k.endswith("/loss")})
-            if cfg.validation_steps and self.on_validation and self.progress.step % cfg.validation_steps == 0:
-                record.update(self.on_validation(self.progress.step))
             self._log(record)
             if cfg.checkpointing_steps and self.progress.step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()

@@ -98,10 +98,6 @@ class DMD2:
                 "Diffusion's scaled_linear schedule or a v-prediction teacher"
             )
 
-    @property
-    def uses_gan(self) -> bool:
-        return self.nets.discriminator is not None and (self.gan_generator_weight > 0 or self.gan_critic_weight > 0)
-
     def noise(self, batch: Batch) -> torch.Tensor:
         return torch.randn((batch.size, *self.latent_shape), device=batch.text.device)
 
@@ -143,7 +139,7 @@ class DMD2:
         losses: Losses = {"dmd": dmd_surrogate_loss(x, dmd_gradient(x.detach(), real_x0, fake_x0))}
         total = losses["dmd"]
         # 3. GAN generator term: the discriminator should call noised student samples real
-        if self.uses_gan and self.gan_generator_weight > 0:
+        if self.gan_generator_weight > 0:
             x_t_grad = self.process.add_noise(x, torch.randn_like(x), t)
             features = self.nets.fake_score(x_t_grad, t, batch.text, return_features=True).features
             losses["gan_generator"] = gan_generator_loss(self.nets.discriminator(features))
@@ -167,11 +163,11 @@ class DMD2:
             x = self.generate(batch)
         last = self.process.num_train_timesteps - 1
         x_t, t, eps = self._noised(x, 0, last)
-        prediction = self.nets.fake_score(x_t, t, batch.text, return_features=self.uses_gan)
+        prediction = self.nets.fake_score(x_t, t, batch.text, return_features=self.gan_critic_weight > 0)
         losses: Losses = {"fake_score": denoising_loss(prediction.eps, eps)}
         total = losses["fake_score"]
         # 6. discriminator update: noised real latents vs noised student samples at the same t
-        if self.uses_gan and self.gan_critic_weight > 0:
+        if self.gan_critic_weight > 0:
             if batch.real_latents is None:
                 raise ValueError("the GAN term needs real images in the batch (real_latents)")
             real_t = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), t)

@@ -38,11 +38,10 @@ def load_pipeline(
                 f"{path} is not a diffusers pipeline folder (no model_index.json); "
                 "give a folder written by `pipe.save_pretrained(...)` or a hub id"
             )
+        diffusers_logging.disable_progress_bar()  # local folders load in a blink: no bars
+        transformers_logging.disable_progress_bar()
     elif not _looks_like_hub_id(name):
         raise PipelineError(f"no pipeline at {name}: the path does not exist and is not a hub id like 'owner/model'")
-    if path.exists():
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
     try:
         index = DiffusionPipeline.load_config(name, revision=revision)
         extra = {"safety_checker": None} if "safety_checker" in index else {}
