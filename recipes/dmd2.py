@@ -19,14 +19,13 @@ Then the student is exported for plain diffusers (full pipeline, or LoRA weights
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, set_seed
 
 from stepdistill import config as configs
 from stepdistill import export, methods
@@ -37,10 +36,13 @@ from stepdistill.evaluation import report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.grid import save_grid
 from stepdistill.evaluation.sampling import generate
+from stepdistill.evaluation.validation import StudentValidator
 from stepdistill.models import networks
 from stepdistill.models.loading import PipelineError, load_pipeline
 from stepdistill.models.teacher import Teacher, load_teacher
-from stepdistill.trainer import Trainer, TrainerConfig, find_checkpoint, require_single_process, set_cpu_threads
+from stepdistill.trainer import (
+    Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_single_process, set_cpu_threads,
+)
 
 logger = get_logger(__name__)
 
@@ -83,7 +85,10 @@ class DMD2Config:
     checkpointing_steps: int = field(0, "save a resumable checkpoint every N steps (0: off)")
     checkpoints_total_limit: int = field(2, "keep this many checkpoints")
     resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint folder")
-    # evaluation
+    # monitoring and evaluation
+    report_to: str = field("auto", "accelerate tracker (tensorboard, wandb, ...), none, or auto: tensorboard if installed")
+    validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)")
+    num_validation_images: int = field(500, "images per validation (digits: FD-digits + accuracy; else a 16-image grid)")
     eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher)")
     teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)")
     dry_run: bool = field(False, "validate the flags and exit")
@@ -91,7 +96,8 @@ class DMD2Config:
     def validate(self) -> None:
         """Every check that needs no model, run before anything is loaded."""
         positive = ("lora_rank", "num_student_steps", "critic_steps_per_generator_step", "max_train_steps",
-                    "train_batch_size", "gradient_accumulation_steps", "num_regression_pairs", "checkpoints_total_limit")
+                    "train_batch_size", "gradient_accumulation_steps", "num_regression_pairs", "checkpoints_total_limit",
+                    "num_validation_images")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
@@ -111,13 +117,18 @@ class DMD2Config:
         if self.prompts_file and self.train_data_dir:
             raise ConfigError("give --prompts_file or --train_data_dir (whose captions are the prompts), not both")
         for name in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "guidance_scale",
-                     "max_grad_norm", "eval_num_samples", "teacher_eval_steps", "checkpointing_steps"):
+                     "max_grad_norm", "eval_num_samples", "teacher_eval_steps", "checkpointing_steps", "validation_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
+        trackers = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
+        if self.report_to not in trackers:
+            raise ConfigError(f"--report_to must be one of {', '.join(trackers)} (got {self.report_to!r})")
+        if self.report_to not in ("auto", "none") and self.report_to not in get_available_trackers():
+            raise ConfigError(f"--report_to {self.report_to}: the package is not installed (pip install {self.report_to})")
         if self.prompts_file and not Path(self.prompts_file).is_file():
             raise ConfigError(f"--prompts_file {self.prompts_file} does not exist")
         if self.train_data_dir and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
@@ -160,15 +171,19 @@ def regression_pairs(teacher: Teacher, text: torch.Tensor, cfg: DMD2Config):
     return noise, text[pick], output
 
 
-def final_report(cfg: DMD2Config, teacher: Teacher, student_dir: Path, output_dir: Path) -> dict:
+def is_digits_sized(teacher: Teacher) -> bool:
+    """Whether the teacher makes 32×32 images, the size the offline digits metrics score."""
+    return teacher.unet.config.sample_size * teacher.pipeline.vae_scale_factor == digits.IMAGE_SIZE
+
+
+def final_report(cfg: DMD2Config, teacher: Teacher, student_dir: Path, output_dir: Path, training_seconds: float) -> dict:
     """Score the exported student (as plain diffusers loads it) and the teacher on the same noise."""
     if cfg.use_lora:
         student = export.load_lora_student(cfg.pretrained_model_name_or_path, student_dir, cfg.revision, cfg.variant)
     else:
         student = load_pipeline(student_dir)
     eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
-    image_size = teacher.unet.config.sample_size * teacher.pipeline.vae_scale_factor
-    if not cfg.uses_digits or image_size != digits.IMAGE_SIZE:  # no offline metric: a grid of the prompts
+    if not cfg.uses_digits or not is_digits_sized(teacher):  # no offline metric: a grid of the prompts
         prompts = user_data.read_prompts(cfg.prompts_file) if cfg.prompts_file else eval_prompts
         images, _ = generate(student, prompts[:16], cfg.num_student_steps, 1.0, seed=cfg.seed)
         save_grid(images, output_dir / "student_grid.png", num_columns=4)
@@ -180,7 +195,9 @@ def final_report(cfg: DMD2Config, teacher: Teacher, student_dir: Path, output_di
         results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),
                                    eval_prompts, scorers, output_dir, seed=cfg.seed)
     floor = scorers.digits.real_floor(cfg.eval_num_samples)
-    report.write_report(results, output_dir / "report.json", real_vs_real_fd_digits=floor, config=vars(cfg))
+    report.write_report(
+        results, output_dir / "report.json", real_vs_real_fd_digits=floor, training_seconds=training_seconds, config=vars(cfg)
+    )
     print(report.markdown_table(results))
     print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
     return {"results": results, "floor": floor}
@@ -191,7 +208,7 @@ def main(cfg: DMD2Config) -> None:
     if cfg.dry_run:
         print("flags are valid; --dry_run set, exiting before loading any model")
         return
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
     require_single_process(accelerator)
     set_cpu_threads(accelerator, cfg.num_threads)
     set_seed(cfg.seed)
@@ -203,6 +220,7 @@ def main(cfg: DMD2Config) -> None:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         configs.save(cfg, output_dir / "config.json")
+    accelerator.init_trackers("stepdistill-dmd2", config={k: str(v) if v is None else v for k, v in vars(cfg).items()})
     prompts, real_latents = training_data(cfg, teacher)
     text = teacher.encode_prompts(prompts)
     uncond = teacher.encode_prompts([""]).expand(cfg.train_batch_size, -1, -1)
@@ -239,7 +257,14 @@ def main(cfg: DMD2Config) -> None:
             real_latents=real_latents[pick].to(accelerator.device) if real_latents is not None else None,
         )
 
-    # 4. train: TTUR critic updates, then a generator update, every step
+    # 4. train: TTUR critic updates, then a generator update, every step; validate now and then
+    validation_prompts = (
+        digits.evaluation_prompts(cfg.num_validation_images) if cfg.uses_digits else prompts[: min(16, cfg.num_validation_images)]
+    )
+    validator = StudentValidator(
+        teacher, nets.student, method.student_timesteps, validation_prompts, output_dir,
+        evaluator=DigitsEvaluator() if cfg.uses_digits and is_digits_sized(teacher) else None, seed=cfg.seed,
+    )
     trainer = Trainer(
         TrainerConfig(
             output_dir=cfg.output_dir, max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate,
@@ -247,7 +272,7 @@ def main(cfg: DMD2Config) -> None:
             max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision, ema_decay=cfg.ema_decay, checkpointing_steps=cfg.checkpointing_steps,
             checkpoints_total_limit=cfg.checkpoints_total_limit, resume_from_checkpoint=cfg.resume_from_checkpoint,
-            seed=cfg.seed,
+            validation_steps=cfg.validation_steps, seed=cfg.seed,
         ),
         method,
         generator_modules=[nets.student.unet],
@@ -256,10 +281,10 @@ def main(cfg: DMD2Config) -> None:
         critic_parameters=nets.critic_parameters(),
         next_batch=next_batch,
         accelerator=accelerator,
+        validate=validator if cfg.validation_steps else None,
     )
-    started = time.perf_counter()
-    trainer.fit()
-    training_seconds = time.perf_counter() - started
+    progress = trainer.fit()
+    accelerator.end_training()
 
     # 5. export for plain diffusers (EMA weights if kept), then score the export
     if not accelerator.is_main_process:
@@ -272,8 +297,8 @@ def main(cfg: DMD2Config) -> None:
         export.export_lora(teacher.pipeline, student_unet, networks.STUDENT, student_dir, cfg.num_student_steps)
     else:
         export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps)
-    print(f"trained {cfg.max_train_steps} steps in {training_seconds / 60:.1f} min; student written to {student_dir}")
-    final_report(cfg, teacher, student_dir, output_dir)
+    print(f"trained {cfg.max_train_steps} steps in {progress.seconds / 60:.1f} min; student written to {student_dir}")
+    final_report(cfg, teacher, student_dir, output_dir, progress.seconds)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ critic updates (the two time-scale update rule of DMD2; 1 for methods without a 
     for step in 1..max_train_steps:
         repeat k times:  critic_loss(batch)    → critic optimiser (fake score + discriminator)
         generator_loss(batch)                  → generator optimiser (student), EMA update
+        every validation_steps: validate(step) on the weights that would be exported (EMA if kept)
         every checkpointing_steps: atomic checkpoint
 
 Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
@@ -19,14 +20,15 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import is_tensorboard_available, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,6 +55,7 @@ class TrainerConfig:
     mixed_precision: str = "no"
     ema_decay: float = 0.0
     checkpointing_steps: int = 0
+    validation_steps: int = 0
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str | None = None
     seed: int = 0
@@ -76,6 +79,18 @@ class EMA:
         for shadow, param in zip(self.shadow, self.parameters):
             param.copy_(shadow.to(param.dtype))
 
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Run a block with the averaged weights in place of the live ones, then put the live ones back."""
+        live = [p.detach().clone() for p in self.parameters]
+        self.copy_to_parameters()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for saved, param in zip(live, self.parameters):
+                    param.copy_(saved)
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
 
@@ -90,12 +105,24 @@ class Progress:
     def __init__(self) -> None:
         self.step = 0
         self.skipped_updates = 0
+        self.seconds = 0.0  # training time, without validation and checkpointing, summed over resumes
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_updates": self.skipped_updates}
+        return {"step": self.step, "skipped_updates": self.skipped_updates, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.skipped_updates = state["step"], state["skipped_updates"]
+        self.step, self.skipped_updates, self.seconds = state["step"], state["skipped_updates"], state["seconds"]
+
+
+def make_accelerator(mixed_precision: str, report_to: str, output_dir: str | Path) -> Accelerator:
+    """The run's ``Accelerator``; ``report_to`` names an accelerate tracker, ``none``, or ``auto``
+    (tensorboard when it is installed). ``train_log.jsonl`` is written either way."""
+    if report_to == "auto":
+        report_to = "tensorboard" if is_tensorboard_available() else "none"
+    return Accelerator(
+        mixed_precision=mixed_precision, log_with=None if report_to == "none" else report_to,
+        project_dir=str(output_dir),
+    )
 
 
 def require_single_process(accelerator: Accelerator) -> None:
@@ -144,10 +171,12 @@ class Trainer:
         critic_parameters: list[nn.Parameter],
         next_batch: Callable[[], Batch],
         accelerator: Accelerator | None = None,
+        validate: Callable[[int], dict[str, float]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.method = method
         self.next_batch = next_batch
+        self.validate = validate
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         require_single_process(self.accelerator)
         set_seed(cfg.seed)
@@ -221,9 +250,18 @@ class Trainer:
             shutil.rmtree(old)
 
     def _log(self, record: dict) -> None:
+        """Append to ``train_log.jsonl`` and send to accelerate's trackers (if any were initialised)."""
         if self.accelerator.is_main_process:
             with self.log_path.open("a") as log:
                 log.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def run_validation(self) -> dict[str, float]:
+        """``validate(step)`` on the main process, on the EMA weights when an EMA is kept."""
+        if self.validate is None or not self.accelerator.is_main_process:
+            return {}
+        with self.ema.swapped_in() if self.ema is not None else nullcontext(), torch.no_grad():
+            return self.validate(self.progress.step)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> Progress:
@@ -238,8 +276,8 @@ class Trainer:
             total=cfg.max_train_steps, initial=self.progress.step, desc="distilling",
             disable=not self.accelerator.is_local_main_process,
         )
-        started = time.perf_counter()
         while self.progress.step < cfg.max_train_steps:
+            started = time.perf_counter()
             record: dict[str, float] = {}
             for _ in range(critic_steps):
                 critic_losses = self._update(self.method.critic_loss, self.critic_optimizer, self.critic_parameters)
@@ -251,7 +289,10 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update()
             self.progress.step += 1
-            record.update(step=self.progress.step, seconds=time.perf_counter() - started)
+            self.progress.seconds += time.perf_counter() - started
+            record.update(step=self.progress.step, seconds=self.progress.seconds)
+            if cfg.validation_steps and self.progress.step % cfg.validation_steps == 0:
+                record.update(self.run_validation())
             bar.update(1)
             bar.set_postfix({k.replace("/loss", ""): f"{v:.4g}" for k, v in record.items() if k.endswith("/loss")})
             self._log(record)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -30,14 +32,14 @@ class CountingMethod:
         return {"loss": (self.critic.weight + 1).square().sum()}
 
 
-def make_trainer(tmp_path, critic_steps=3, steps=4, accumulation=1, poison_step=None, **overrides):
+def make_trainer(tmp_path, critic_steps=3, steps=4, accumulation=1, poison_step=None, validate=None, **overrides):
     generator, critic = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
     method = CountingMethod(critic_steps, generator, critic, poison_step)
     cfg = TrainerConfig(output_dir=str(tmp_path), max_train_steps=steps, learning_rate=0.1, critic_learning_rate=0.1,
                         adam_weight_decay=0.0, gradient_accumulation_steps=accumulation, **overrides)
     batch = Batch(text=torch.zeros(1, 1, 1), uncond=torch.zeros(1, 1, 1))
     trainer = Trainer(cfg, method, [generator], list(generator.parameters()), [critic], list(critic.parameters()),
-                      next_batch=lambda: batch)
+                      next_batch=lambda: batch, validate=validate)
     return trainer, method
 
 
@@ -78,6 +80,23 @@ def test_ema_tracks_the_parameters():
     ema.update()
     ema.copy_to_parameters()
     torch.testing.assert_close(param.data, torch.full((3,), 0.75))
+
+
+def test_validation_sees_the_ema_weights_and_leaves_the_live_ones(tmp_path):
+    seen = []
+
+    def validate(step):
+        seen.append((step, trainer.ema.parameters[0].detach().clone()))
+        return {"validation/score": float(step)}
+
+    trainer, method = make_trainer(tmp_path, critic_steps=1, steps=4, validate=validate, ema_decay=0.5, validation_steps=2)
+    trainer.fit()
+    assert [step for step, _ in seen] == [2, 4]
+    torch.testing.assert_close(seen[-1][1], trainer.ema.shadow[0])  # validated on the average ...
+    assert not torch.equal(method.generator.weight, trainer.ema.shadow[0])  # ... and the live weights came back
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [row.get("validation/score") for row in log] == [None, 2.0, None, 4.0]
+    assert all(b["seconds"] > a["seconds"] for a, b in zip(log, log[1:]))
 
 
 def test_checkpoint_resume_continues_where_it_stopped(tmp_path):

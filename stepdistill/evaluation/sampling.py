@@ -30,10 +30,14 @@ def generate(
     seed: int = 0,
     batch_size: int = 250,
 ) -> tuple[torch.Tensor, float]:
-    """Images ``(N, 3, H, W)`` in [-1, 1] for ``prompts`` and the seconds the pipeline took."""
+    """Images ``(N, 3, H, W)`` in [-1, 1] for ``prompts`` and the seconds the pipeline took.
+
+    Everything random comes from ``seed``: the initial latents and the scheduler's between-step noise.
+    """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be ≥ 1 (got {num_inference_steps})")
     latents = initial_noise(pipe, len(prompts), seed)
+    generator = torch.Generator().manual_seed(seed)  # any noise the scheduler adds between steps (LCM re-noising)
     images, seconds = [], 0.0
     for start in range(0, len(prompts), batch_size):
         began = time.perf_counter()
@@ -42,6 +46,7 @@ def generate(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             latents=latents[start : start + batch_size].to(pipe.device, pipe.unet.dtype),
+            generator=generator,
             output_type="pt",
         ).images
         seconds += time.perf_counter() - began

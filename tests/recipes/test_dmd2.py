@@ -36,11 +36,12 @@ def smoke_config(dmd2, teacher_dir, output_dir, **overrides):
 
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_two_steps_then_export_and_report(dmd2, tiny_pipeline_dir, tmp_path, use_lora, shipped_classifier):
-    cfg = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, use_lora=use_lora)
+    cfg = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, use_lora=use_lora, validation_steps=2, num_validation_images=10)
     dmd2.main(cfg)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2]
     assert all("critic/gan_critic" in row and "generator/dmd" in row for row in log)
+    assert "validation/fd_digits" in log[1] and (tmp_path / "validation" / "step-2.png").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     models = {(r["model"], r["num_inference_steps"]) for r in report["results"]}
     assert models == {("student", 1), ("teacher", 2)}
@@ -76,6 +77,9 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
         (["--learning_rate", "0"], "--learning_rate must be > 0"),
         (["--prompts_file", "missing.txt"], "--prompts_file missing.txt does not exist"),
         (["--ema_decay", "1.5"], "--ema_decay"),
+        (["--report_to", "stdout"], "--report_to must be one of"),
+        (["--report_to", "wandb"], "not installed"),
+        (["--validation_steps", "-5"], "--validation_steps must be ≥ 0"),
     ],
 )
 def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):

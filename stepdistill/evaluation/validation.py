@@ -1,0 +1,70 @@
+"""Validation during training: sample the student as it is now, save a grid, score it.
+
+The student is sampled with the trainer's own few-step sampler (``few_step_sample``, which equals
+the exported diffusers pipeline on the same noise, see tests/test_export.py) and decoded with the
+teacher's VAE, so a validation number means the same as the final report's at the same sample count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stepdistill.diffusion import few_step_sample
+from stepdistill.evaluation.digits_metrics import DigitsEvaluator
+from stepdistill.evaluation.grid import save_grid
+from stepdistill.evaluation.sampling import initial_noise
+from stepdistill.models.denoiser import Denoiser
+from stepdistill.models.teacher import Teacher
+
+
+class StudentValidator:
+    """``validator(step)`` → metrics of the student on fixed prompts and noise; writes ``validation/step-N.png``.
+
+    Metrics are FD-digits and prompt accuracy when a :class:`DigitsEvaluator` is given (the digits
+    teacher), otherwise none: the grid is then the thing to look at.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: Denoiser,
+        timesteps: tuple[int, ...],
+        prompts: list[str],
+        output_dir: str | Path,
+        evaluator: DigitsEvaluator | None = None,
+        seed: int = 0,
+        batch_size: int = 250,
+    ) -> None:
+        self.teacher, self.student, self.timesteps = teacher, student, timesteps
+        self.prompts, self.evaluator, self.batch_size = prompts, evaluator, batch_size
+        self.output_dir = Path(output_dir) / "validation"
+        self.text = teacher.encode_prompts(prompts)
+        self.noise = initial_noise(teacher.pipeline, len(prompts), seed)
+        self.seed = seed
+
+    @torch.no_grad()
+    def sample(self) -> torch.Tensor:
+        """Images ``(N, 3, H, W)`` in [-1, 1] from the student's ``len(timesteps)``-step sampler."""
+        vae = self.teacher.pipeline.vae
+        device = self.teacher.unet.device
+        generator = torch.Generator().manual_seed(self.seed)  # re-noising draws, as ``sampling.generate`` makes them
+        images = []
+        for noise, text in zip(self.noise.split(self.batch_size), self.text.split(self.batch_size)):
+            text = text.to(device)
+            latents = few_step_sample(
+                lambda x, t: self.student(x, t, text).x0, noise.to(device), self.timesteps,
+                self.student.process, generator=generator,
+            )
+            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            images.append(decoded.float().clamp(-1, 1).cpu())
+        return torch.cat(images)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        images = self.sample()
+        save_grid(images[:100], self.output_dir / f"step-{step}.png")
+        if self.evaluator is None:
+            return {}
+        scores = self.evaluator.evaluate(images, self.prompts)
+        return {f"validation/{name}": value for name, value in scores.items()}
