@@ -41,7 +41,7 @@ from stepdistill.models import networks
 from stepdistill.models.loading import PipelineError, load_pipeline
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.trainer import (
-    Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_single_process, set_cpu_threads,
+    Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_data_parallel, set_cpu_threads,
 )
 
 logger = get_logger(__name__)
@@ -209,7 +209,7 @@ def main(cfg: DMD2Config) -> None:
         print("flags are valid; --dry_run set, exiting before loading any model")
         return
     accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
-    require_single_process(accelerator)
+    require_data_parallel(accelerator)
     set_cpu_threads(accelerator, cfg.num_threads)
     set_seed(cfg.seed)
 

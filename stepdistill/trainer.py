@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import is_tensorboard_available, set_seed
+from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -125,14 +125,35 @@ def make_accelerator(mixed_precision: str, report_to: str, output_dir: str | Pat
     )
 
 
-def require_single_process(accelerator: Accelerator) -> None:
-    """Refuse multi-process runs: methods call the networks directly, not accelerate's DDP wrappers,
-    so gradients would not be averaged across processes. Better no run than a silently wrong one."""
-    if accelerator.num_processes > 1:
+def require_data_parallel(accelerator: Accelerator) -> None:
+    """Refuse distributed modes the trainer does not drive correctly yet.
+
+    Methods call the networks themselves (several losses, shared LoRA UNets), never through DDP's
+    wrapper, so the trainer averages gradients across processes itself (:func:`average_gradients`).
+    That is plain data parallelism; sharded modes (FSDP, DeepSpeed ZeRO) need the wrapped forward.
+    """
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                        DistributedType.MEGATRON_LM, DistributedType.XLA):
         raise ConfigError(
-            f"multi-process training is not supported yet (got {accelerator.num_processes} processes); "
-            "launch one: accelerate launch --num_processes 1 recipes/..."
+            f"accelerate is configured for {accelerator.distributed_type.value}, which stepdistill does not support "
+            "yet; use multi-process data parallelism (accelerate config: multi-GPU / multi-CPU, no FSDP or DeepSpeed)"
         )
+
+
+def average_gradients(parameters: list[nn.Parameter], accelerator: Accelerator) -> None:
+    """All-reduce the mean of ``parameters``' gradients over processes (one flat buffer, one call)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = []
+    for param in parameters:
+        if param.grad is None:  # every process must send the same layout
+            param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(averaged.view_as(grad))
 
 
 def set_cpu_threads(accelerator: Accelerator, num_threads: int = 0) -> None:
@@ -178,8 +199,8 @@ class Trainer:
         self.next_batch = next_batch
         self.validate = validate
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
-        require_single_process(self.accelerator)
-        set_seed(cfg.seed)
+        require_data_parallel(self.accelerator)
+        set_seed(cfg.seed, device_specific=True)  # each process draws its own batches and noise
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.generator_optimizer = torch.optim.AdamW(
             generator_parameters, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay
@@ -210,7 +231,7 @@ class Trainer:
         for _ in range(self.cfg.gradient_accumulation_steps):
             with self.accelerator.autocast():
                 losses = loss_fn(self.next_batch())
-            if not torch.isfinite(losses["loss"]):
+            if not self._finite_everywhere(losses["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 self.progress.skipped_updates += 1
                 logger.warning(f"non-finite loss at step {self.progress.step}; update skipped")
@@ -218,11 +239,17 @@ class Trainer:
             self.accelerator.backward(losses["loss"] / self.cfg.gradient_accumulation_steps)
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() / self.cfg.gradient_accumulation_steps
+        average_gradients(parameters, self.accelerator)
         if self.cfg.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return totals
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process (all skip an update together, or none does)."""
+        finite = torch.isfinite(loss.detach()).reshape(1).float()
+        return bool(self.accelerator.gather(finite).min() > 0)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -230,7 +257,8 @@ class Trainer:
         final = Path(self.cfg.output_dir) / f"checkpoint-{self.progress.step}"
         partial = final.with_name(final.name + ".partial")
         if self.accelerator.is_main_process and partial.exists():
-            shutil.rmtree(partial)
+            shutil.rmtree(partial)  # left by a crash mid-save
+        self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
         if self.accelerator.is_main_process:

@@ -1,0 +1,58 @@
+"""Train a toy through the Trainer, one process or several; each process takes its slice of a global batch.
+
+    python tests/distributed/data_parallel_toy.py OUT                           # one process
+    torchrun --nproc_per_node 2 tests/distributed/data_parallel_toy.py OUT      # two, same global batch
+
+Writes the final generator and critic weights to OUT/weights.pt (main process only).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from stepdistill.methods.base import Batch
+from stepdistill.trainer import Trainer, TrainerConfig
+
+GLOBAL_BATCH, STEPS = 8, 3
+
+
+class RegressionToy:
+    """Generator and critic each fit a linear map to a fixed global batch; losses are batch means."""
+
+    critic_steps_per_generator_step = 2
+
+    def __init__(self, generator: nn.Linear, critic: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor):
+        self.generator, self.critic, self.inputs, self.targets = generator, critic, inputs, targets
+
+    def generator_loss(self, batch: Batch):
+        return {"loss": (self.generator(batch.text) - batch.uncond).square().mean()}
+
+    def critic_loss(self, batch: Batch):
+        return {"loss": (self.critic(batch.text) + batch.uncond).square().mean()}
+
+
+def main(output_dir: Path) -> None:
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)  # the same weights and data on every process
+    generator, critic = nn.Linear(4, 2), nn.Linear(4, 2)
+    inputs, targets = torch.randn(GLOBAL_BATCH, 4), torch.randn(GLOBAL_BATCH, 2)
+    share = GLOBAL_BATCH // accelerator.num_processes
+    mine = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+    batch = Batch(text=inputs[mine], uncond=targets[mine])
+    cfg = TrainerConfig(output_dir=str(output_dir), max_train_steps=STEPS, learning_rate=0.05,
+                        critic_learning_rate=0.05, adam_weight_decay=0.0)
+    trainer = Trainer(cfg, RegressionToy(generator, critic, inputs, targets), [generator], list(generator.parameters()),
+                      [critic], list(critic.parameters()), next_batch=lambda: batch, accelerator=accelerator)
+    trainer.fit()
+    if accelerator.is_main_process:
+        torch.save({"generator": generator.state_dict(), "critic": critic.state_dict()}, output_dir / "weights.pt")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

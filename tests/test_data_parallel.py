@@ -1,0 +1,46 @@
+"""Two processes (gloo, CPU) with half the batch each train exactly like one process with all of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from stepdistill.config import ConfigError
+from stepdistill.trainer import require_data_parallel
+
+TOY = Path(__file__).parent / "distributed" / "data_parallel_toy.py"
+
+
+def run(command: list[str], output_dir: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command + [str(output_dir)], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(output_dir / "weights.pt", weights_only=True)
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
+    single = run([sys.executable, str(TOY)], tmp_path / "one")
+    double = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                  str(TOY)], tmp_path / "two")
+    for role in ("generator", "critic"):
+        for name, value in single[role].items():
+            torch.testing.assert_close(double[role][name], value, atol=1e-6, rtol=1e-5)
+    log = (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
+    assert [line.count('"step"') for line in log] == [1, 1, 1]  # one line per step: only the main process writes
+
+
+def test_sharded_modes_are_refused():
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.distributed_type = DistributedType.FSDP  # what `accelerate config` would have set
+    try:
+        with pytest.raises(ConfigError, match="FSDP"):
+            require_data_parallel(accelerator)
+    finally:
+        accelerator.state.distributed_type = DistributedType.NO
