@@ -88,7 +88,7 @@ class DMD2Config:
     # monitoring and evaluation
     report_to: str = field("auto", "accelerate tracker (tensorboard, wandb, ...), none, or auto: tensorboard if installed")
     validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)")
-    num_validation_images: int = field(500, "images per validation (digits: FD-digits + accuracy; else a 16-image grid)")
+    num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a 16-image grid)")
     eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher)")
     teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)")
     dry_run: bool = field(False, "validate the flags and exit")

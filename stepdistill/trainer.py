@@ -10,7 +10,8 @@ critic updates (the two time-scale update rule of DMD2; 1 for methods without a 
         every checkpointing_steps: atomic checkpoint
 
 Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
-and is skipped (and counted) if its loss is not finite.
+and is skipped (and counted) if its loss is not finite; ``max_consecutive_skips`` skips in a row
+stop the run with :class:`DivergedError` (checkpoints already written stay intact).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ from stepdistill.config import ConfigError
 from stepdistill.methods.base import Batch, Losses, Method
 
 logger = get_logger(__name__)
+
+
+class DivergedError(RuntimeError):
+    """Raised when updates keep producing non-finite losses: the run has diverged."""
+
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -54,6 +61,7 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
     ema_decay: float = 0.0
+    max_consecutive_skips: int = 10
     checkpointing_steps: int = 0
     validation_steps: int = 0
     checkpoints_total_limit: int = 2
@@ -105,13 +113,16 @@ class Progress:
     def __init__(self) -> None:
         self.step = 0
         self.skipped_updates = 0
+        self.consecutive_skips = {"generator": 0, "critic": 0}  # non-finite updates in a row, per optimiser
         self.seconds = 0.0  # training time, without validation and checkpointing, summed over resumes
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_updates": self.skipped_updates, "seconds": self.seconds}
+        return {"step": self.step, "skipped_updates": self.skipped_updates, "consecutive_skips": self.consecutive_skips,
+                "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped_updates, self.seconds = state["step"], state["skipped_updates"], state["seconds"]
+        self.consecutive_skips = state["consecutive_skips"]
 
 
 def make_accelerator(mixed_precision: str, report_to: str, output_dir: str | Path) -> Accelerator:
@@ -166,13 +177,19 @@ def set_cpu_threads(accelerator: Accelerator, num_threads: int = 0) -> None:
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
 
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete ``checkpoint-N`` folders of a run, oldest first (``.partial`` ones are not listed)."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()]
+    return sorted(folders, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
 def find_checkpoint(output_dir: str | Path, request: str) -> Path:
     """Resolve ``--resume_from_checkpoint`` (``latest`` or a path) to a complete checkpoint folder."""
     if request == "latest":
-        folders = [p for p in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name)]
+        folders = list_checkpoints(output_dir)
         if not folders:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
-        return max(folders, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+        return folders[-1]
     path = Path(request)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {request}: no such checkpoint folder")
@@ -224,7 +241,7 @@ class Trainer:
         self.log_path = Path(cfg.output_dir) / "train_log.jsonl"
 
     # -- one update -------------------------------------------------------------------------
-    def _update(self, loss_fn: Callable[[Batch], Losses], optimizer, parameters) -> Losses | None:
+    def _update(self, role: str, loss_fn: Callable[[Batch], Losses], optimizer, parameters) -> Losses | None:
         """Accumulate gradients over micro-batches, clip, step; ``None`` if the loss was not finite."""
         optimizer.zero_grad(set_to_none=True)
         totals: Losses = {}
@@ -233,8 +250,7 @@ class Trainer:
                 losses = loss_fn(self.next_batch())
             if not self._finite_everywhere(losses["loss"]):
                 optimizer.zero_grad(set_to_none=True)
-                self.progress.skipped_updates += 1
-                logger.warning(f"non-finite loss at step {self.progress.step}; update skipped")
+                self._skip_update(role)
                 return None
             self.accelerator.backward(losses["loss"] / self.cfg.gradient_accumulation_steps)
             for name, value in losses.items():
@@ -244,7 +260,21 @@ class Trainer:
             self.accelerator.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        self.progress.consecutive_skips[role] = 0
         return totals
+
+    def _skip_update(self, role: str) -> None:
+        """Count a skipped update; stop the run once one optimiser skips ``max_consecutive_skips`` in a row."""
+        self.progress.skipped_updates += 1
+        self.progress.consecutive_skips[role] += 1
+        logger.warning(f"non-finite {role} loss at step {self.progress.step}; update skipped", main_process_only=True)
+        if self.progress.consecutive_skips[role] >= self.cfg.max_consecutive_skips:
+            checkpoints = list_checkpoints(self.cfg.output_dir)
+            raise DivergedError(
+                f"{self.progress.consecutive_skips[role]} {role} updates in a row had a non-finite loss (step {self.progress.step}): "
+                "the run has diverged. Lower --learning_rate or --max_grad_norm and resume "
+                + (f"from the last good checkpoint, {checkpoints[-1]}" if checkpoints else "(no checkpoint was saved)")
+            )
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every process (all skip an update together, or none does)."""
@@ -270,10 +300,7 @@ class Trainer:
         return final
 
     def _prune_checkpoints(self) -> None:
-        folders = sorted(
-            (p for p in Path(self.cfg.output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name)),
-            key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)),
-        )
+        folders = list_checkpoints(self.cfg.output_dir)
         for old in folders[: max(0, len(folders) - self.cfg.checkpoints_total_limit)]:
             shutil.rmtree(old)
 
@@ -308,10 +335,10 @@ class Trainer:
             started = time.perf_counter()
             record: dict[str, float] = {}
             for _ in range(critic_steps):
-                critic_losses = self._update(self.method.critic_loss, self.critic_optimizer, self.critic_parameters)
+                critic_losses = self._update("critic", self.method.critic_loss, self.critic_optimizer, self.critic_parameters)
                 for name, value in (critic_losses or {}).items():  # mean over the step's critic updates
                     record[f"critic/{name}"] = record.get(f"critic/{name}", 0.0) + value.item() / critic_steps
-            generator_losses = self._update(self.method.generator_loss, self.generator_optimizer, self.generator_parameters)
+            generator_losses = self._update("generator", self.method.generator_loss, self.generator_optimizer, self.generator_parameters)
             if generator_losses:
                 record.update({f"generator/{k}": v.item() for k, v in generator_losses.items()})
                 if self.ema is not None:

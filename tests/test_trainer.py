@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
 from stepdistill.methods.base import Batch
-from stepdistill.trainer import EMA, Trainer, TrainerConfig, find_checkpoint
+from stepdistill.trainer import EMA, DivergedError, Trainer, TrainerConfig, find_checkpoint
 
 
 class CountingMethod:
@@ -69,6 +70,15 @@ def test_non_finite_loss_skips_the_update(tmp_path):
     assert trainer.progress.skipped_updates == 1
     assert optimizer_steps(trainer.generator_optimizer) == 2
     assert torch.isfinite(method.generator.weight).all()
+
+
+def test_a_run_of_non_finite_losses_stops_training(tmp_path):
+    trainer, method = make_trainer(tmp_path, critic_steps=1, steps=6, max_consecutive_skips=2, checkpointing_steps=1)
+    method.generator_loss = lambda batch: {"loss": torch.tensor(float("nan"), requires_grad=True)}
+    with pytest.raises(DivergedError, match="2 generator updates in a row .*checkpoint-1"):
+        trainer.fit()
+    assert trainer.progress.step == 1  # the first step's skip was counted, the second stopped the run
+    assert (tmp_path / "checkpoint-1").is_dir()
 
 
 def test_ema_tracks_the_parameters():
