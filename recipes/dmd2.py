@@ -134,10 +134,7 @@ class DMD2Config:
         if self.train_data_dir and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
             raise ConfigError(f"--train_data_dir {self.train_data_dir} needs a metadata.jsonl (file_name, text per line)")
         if self.resume_from_checkpoint:
-            try:
-                find_checkpoint(self.output_dir, self.resume_from_checkpoint)
-            except FileNotFoundError as error:
-                raise ConfigError(str(error)) from None
+            find_checkpoint(self.output_dir, self.resume_from_checkpoint)
 
     @property
     def uses_digits(self) -> bool:

@@ -44,6 +44,7 @@ class DivergedError(RuntimeError):
 
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_MANIFEST = "stepdistill_checkpoint.json"  # written last: the names and sizes of a checkpoint's files
 
 
 @dataclass
@@ -183,16 +184,49 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(folders, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (no manifest, a file missing or of the wrong size), or None."""
+    manifest = folder / CHECKPOINT_MANIFEST
+    if not manifest.is_file():
+        return f"it has no {CHECKPOINT_MANIFEST} (not written by stepdistill, or cut short)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"its {CHECKPOINT_MANIFEST} is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated or overwritten)"
+    return None
+
+
 def find_checkpoint(output_dir: str | Path, request: str) -> Path:
-    """Resolve ``--resume_from_checkpoint`` (``latest`` or a path) to a complete checkpoint folder."""
+    """Resolve ``--resume_from_checkpoint`` to a complete checkpoint folder.
+
+    ``latest`` takes the newest complete checkpoint and warns about newer damaged ones it passes
+    over; an explicit path must itself be complete. Raises :class:`ConfigError` otherwise.
+    """
     if request == "latest":
         folders = list_checkpoints(output_dir)
         if not folders:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
-        return folders[-1]
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
+        for folder in reversed(folders):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder
+            logger.warning(f"skipping damaged checkpoint {folder}: {problem}", main_process_only=True)
+        raise ConfigError(f"--resume_from_checkpoint latest: every checkpoint in {output_dir} is damaged")
     path = Path(request)
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {request}: no such checkpoint folder")
+        raise ConfigError(f"--resume_from_checkpoint {request}: no such checkpoint folder")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(
+            f"--resume_from_checkpoint {request} is damaged: {problem}; give an older checkpoint or 'latest' "
+            "(which passes over damaged ones)"
+        )
     return path
 
 
@@ -292,6 +326,8 @@ class Trainer:
         self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
         if self.accelerator.is_main_process:
+            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+            (partial / CHECKPOINT_MANIFEST).write_text(json.dumps({"step": self.progress.step, "files": files}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -311,6 +347,13 @@ class Trainer:
                 log.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def _truncate_log(self) -> None:
+        """Drop log lines of steps after the checkpoint (a crashed run logged them; they will be redone)."""
+        if self.accelerator.is_main_process and self.log_path.is_file():
+            lines = self.log_path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= self.progress.step]
+            self.log_path.write_text("".join(line + "\n" for line in kept))
+
     def run_validation(self) -> dict[str, float]:
         """``validate(step)`` on the main process, on the EMA weights when an EMA is kept."""
         if self.validate is None or not self.accelerator.is_main_process:
@@ -326,6 +369,7 @@ class Trainer:
             checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
             self.accelerator.load_state(str(checkpoint))
             logger.info(f"resumed from {checkpoint} at step {self.progress.step}", main_process_only=True)
+            self._truncate_log()
         critic_steps = getattr(self.method, "critic_steps_per_generator_step", 1) if self.critic_optimizer else 0
         bar = tqdm(
             total=cfg.max_train_steps, initial=self.progress.step, desc="distilling",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from stepdistill.methods.base import Batch
+from stepdistill.config import ConfigError
 from stepdistill.trainer import EMA, DivergedError, Trainer, TrainerConfig, find_checkpoint
 
 
@@ -127,3 +128,25 @@ def test_old_checkpoints_are_pruned(tmp_path):
     trainer, _ = make_trainer(tmp_path, steps=6, checkpointing_steps=1, checkpoints_total_limit=2)
     trainer.fit()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+
+
+def test_damaged_checkpoints_are_named_and_latest_passes_over_them(tmp_path):
+    trainer, _ = make_trainer(tmp_path, steps=4, checkpointing_steps=2)
+    trainer.fit()
+    weights = next((tmp_path / "checkpoint-4").glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated, as by a full disk
+    with pytest.raises(ConfigError, match=f"checkpoint-4 is damaged: {weights.name} has"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoint-4"))
+    assert find_checkpoint(tmp_path, "latest").name == "checkpoint-2"
+    (tmp_path / "checkpoint-2" / "stepdistill_checkpoint.json").unlink()
+    with pytest.raises(ConfigError, match="every checkpoint .* is damaged"):
+        find_checkpoint(tmp_path, "latest")
+
+
+def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
+    first, _ = make_trainer(tmp_path, steps=5, checkpointing_steps=3)
+    first.fit()  # steps 4 and 5 were logged after the last checkpoint, as if the run then crashed
+    second, _ = make_trainer(tmp_path, steps=5, resume_from_checkpoint="latest")
+    second.fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
