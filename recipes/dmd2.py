@@ -133,6 +133,7 @@ class DMD2Config:
             raise ConfigError(f"--prompts_file {self.prompts_file} does not exist")
         if self.train_data_dir and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
             raise ConfigError(f"--train_data_dir {self.train_data_dir} needs a metadata.jsonl (file_name, text per line)")
+        configs.require_writable_dir(self.output_dir, "--output_dir")
         if self.resume_from_checkpoint:
             find_checkpoint(self.output_dir, self.resume_from_checkpoint)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -145,6 +146,16 @@ def _load_yaml(path: Path, config_cls: type, hints: dict[str, Any]) -> dict[str,
         return {name: _coerce(name, *_base_type(hints[name]), value) for name, value in loaded.items()}
     except ConfigError as error:
         raise SystemExit(f"error: --config {path}: {error}") from None
+
+
+def require_writable_dir(path: str | Path, flag: str) -> None:
+    """Fail unless ``path`` is a directory we can write, or could be created as one (nothing is created here)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a directory")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable; give a directory you can write to")
 
 
 def save(config: Any, path: str | Path) -> None:

@@ -261,6 +261,7 @@ class Trainer:
             if critic_parameters else None
         )
         modules = list({id(m): m for m in generator_modules + critic_modules}.values())
+        self.modules = modules
         prepared = self.accelerator.prepare(*modules, *[o for o in (self.generator_optimizer, self.critic_optimizer) if o])
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         self.generator_optimizer = prepared[len(modules)]
@@ -361,10 +362,28 @@ class Trainer:
         with self.ema.swapped_in() if self.ema is not None else nullcontext(), torch.no_grad():
             return self.validate(self.progress.step)
 
+    def checkpoint_bytes(self) -> int:
+        """An estimate of one checkpoint's size: every prepared module's weights plus AdamW's two moments."""
+        weights = sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
+        moments = sum(2 * 4 * p.numel() for p in self.generator_parameters + self.critic_parameters)
+        ema = sum(4 * p.numel() for p in self.generator_parameters) if self.ema is not None else 0
+        return weights + moments + ema
+
+    def _require_disk_space(self) -> None:
+        """Refuse to start a checkpointing run whose disk cannot hold two checkpoints (one being written)."""
+        needed, free = 2 * self.checkpoint_bytes(), shutil.disk_usage(self.cfg.output_dir).free
+        if self.cfg.checkpointing_steps and free < needed:
+            raise ConfigError(
+                f"--output_dir {self.cfg.output_dir} has {free / 1e9:.2f} GB free but checkpoints need about "
+                f"{needed / 1e9:.2f} GB (two, while one is written); free space, choose another disk, or set "
+                "--checkpointing_steps 0"
+            )
+
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> Progress:
         cfg = self.cfg
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        self._require_disk_space()
         if cfg.resume_from_checkpoint:
             checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
             self.accelerator.load_state(str(checkpoint))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -150,3 +151,12 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     second.fit()
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_disk_too_small_for_checkpoints_is_refused_before_training(tmp_path, monkeypatch):
+    trainer, method = make_trainer(tmp_path, steps=2, checkpointing_steps=1)
+    assert trainer.checkpoint_bytes() == (2 + 2) * 4 + 2 * 4 * (2 + 2)  # two 2-weight layers, AdamW moments
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 10))
+    with pytest.raises(ConfigError, match="0.00 GB free but checkpoints need about"):
+        trainer.fit()
+    assert method.generator_calls == 0

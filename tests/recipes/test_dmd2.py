@@ -80,6 +80,18 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
         (["--report_to", "stdout"], "--report_to must be one of"),
         (["--report_to", "wandb"], "not installed"),
         (["--validation_steps", "-5"], "--validation_steps must be ≥ 0"),
+        (["--output_dir", "README.md"], "--output_dir README.md is a file"),
+        (["--num_student_steps", "51"], "--num_student_steps must be ≤ 50"),
+        (["--eval_num_samples", "1"], "--eval_num_samples must be 0"),
+        (["--use_lora", "true", "--gradient_checkpointing", "true"], "--use_lora with --gradient_checkpointing"),
+        (["--prompts_file", "a.txt", "--train_data_dir", "b"], "not both"),
+        (["--train_data_dir", "tests"], "needs a metadata.jsonl"),
+        (["--guidance_scale", "-1"], "--guidance_scale must be ≥ 0"),
+        (["--critic_learning_rate=-1e-4"], "--critic_learning_rate must be > 0"),
+        (["--train_batch_size", "0"], "--train_batch_size must be ≥ 1"),
+        (["--max_train_steps", "ten"], "invalid"),
+        (["--use_lora", "maybe"], "expected true/false"),
+        (["--no_such_flag", "1"], "unrecognized arguments"),
     ],
 )
 def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):
