@@ -174,18 +174,21 @@ def is_digits_sized(teacher: Teacher) -> bool:
     return teacher.unet.config.sample_size * teacher.pipeline.vae_scale_factor == digits.IMAGE_SIZE
 
 
-def final_report(cfg: DMD2Config, teacher: Teacher, student_dir: Path, output_dir: Path, training_seconds: float) -> dict:
+def final_report(
+    cfg: DMD2Config, teacher: Teacher, prompts: list[str], student_dir: Path, output_dir: Path, training_seconds: float
+) -> dict:
     """Score the exported student (as plain diffusers loads it) and the teacher on the same noise."""
+    if cfg.eval_num_samples == 0:
+        return {}
     if cfg.use_lora:
         student = export.load_lora_student(cfg.pretrained_model_name_or_path, student_dir, cfg.revision, cfg.variant)
     else:
         student = load_pipeline(student_dir)
-    eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
-    if not cfg.uses_digits or not is_digits_sized(teacher):  # no offline metric: a grid of the prompts
-        prompts = user_data.read_prompts(cfg.prompts_file) if cfg.prompts_file else eval_prompts
+    if not cfg.uses_digits or not is_digits_sized(teacher):  # no offline metric: a grid of the training prompts
         images, _ = generate(student, prompts[:16], cfg.num_student_steps, 1.0, seed=cfg.seed)
         save_grid(images, output_dir / "student_grid.png", num_columns=4)
         return {}
+    eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
     scorers = report.Scorers(digits=DigitsEvaluator())
     steps = tuple(sorted({1, cfg.num_student_steps}))
     results = report.evaluate(student, "student", steps, (1.0,), eval_prompts, scorers, output_dir, seed=cfg.seed)
@@ -296,7 +299,7 @@ def main(cfg: DMD2Config) -> None:
     else:
         export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps)
     print(f"trained {cfg.max_train_steps} steps in {progress.seconds / 60:.1f} min; student written to {student_dir}")
-    final_report(cfg, teacher, student_dir, output_dir, progress.seconds)
+    final_report(cfg, teacher, prompts, student_dir, output_dir, progress.seconds)
 
 
 if __name__ == "__main__":
