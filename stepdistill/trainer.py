@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,6 +45,7 @@ class DivergedError(RuntimeError):
 
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE, EMA_WEIGHTS = "trainer_state.json", "ema.safetensors"
 CHECKPOINT_MANIFEST = "stepdistill_checkpoint.json"  # written last: the names and sizes of a checkpoint's files
 
 
@@ -100,16 +102,18 @@ class EMA:
                 for saved, param in zip(live, self.parameters):
                     param.copy_(saved)
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+    def save(self, path: Path) -> None:
+        save_file({str(i): shadow.contiguous() for i, shadow in enumerate(self.shadow)}, str(path))
 
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]  # accelerate loads custom state on the CPU: move it back beside the weights
-        self.shadow = [s.to(p.device).clone() for s, p in zip(state["shadow"], self.parameters)]
+    def load(self, path: Path) -> None:
+        tensors = load_file(str(path))
+        if len(tensors) != len(self.shadow):
+            raise ConfigError(f"{path} holds {len(tensors)} EMA tensors, this run has {len(self.shadow)}")
+        self.shadow = [tensors[str(i)].to(p.device) for i, p in enumerate(self.parameters)]
 
 
 class Progress:
-    """The counters a resumed run needs (accelerate checkpoints it alongside the models)."""
+    """The counters a resumed run needs (saved as JSON in every checkpoint)."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -270,9 +274,6 @@ class Trainer:
         self.generator_parameters, self.critic_parameters = generator_parameters, critic_parameters
         self.ema = EMA(generator_parameters, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.progress = Progress()
-        self.accelerator.register_for_checkpointing(self.progress)
-        if self.ema is not None:
-            self.accelerator.register_for_checkpointing(self.ema)
         self.log_path = Path(cfg.output_dir) / "train_log.jsonl"
 
     # -- one update -------------------------------------------------------------------------
@@ -326,7 +327,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process:  # our own state, as JSON and safetensors (nothing pickled)
+            (partial / TRAINER_STATE).write_text(json.dumps(self.progress.state_dict()))
+            if self.ema is not None:
+                self.ema.save(partial / EMA_WEIGHTS)
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
             (partial / CHECKPOINT_MANIFEST).write_text(json.dumps({"step": self.progress.step, "files": files}, indent=1))
             if final.exists():
@@ -387,6 +391,9 @@ class Trainer:
         if cfg.resume_from_checkpoint:
             checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
             self.accelerator.load_state(str(checkpoint))
+            self.progress.load_state_dict(json.loads((checkpoint / TRAINER_STATE).read_text()))
+            if self.ema is not None:
+                self.ema.load(checkpoint / EMA_WEIGHTS)
             logger.info(f"resumed from {checkpoint} at step {self.progress.step}", main_process_only=True)
             self._truncate_log()
         critic_steps = getattr(self.method, "critic_steps_per_generator_step", 1) if self.critic_optimizer else 0

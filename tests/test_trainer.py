@@ -112,17 +112,19 @@ def test_validation_sees_the_ema_weights_and_leaves_the_live_ones(tmp_path):
 
 
 def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
-    full, full_method = make_trainer(tmp_path / "full", steps=6)
+    full, full_method = make_trainer(tmp_path / "full", steps=6, ema_decay=0.9)
     full.fit()
-    first, _ = make_trainer(tmp_path / "split", steps=3, checkpointing_steps=3)
+    first, _ = make_trainer(tmp_path / "split", steps=3, checkpointing_steps=3, ema_decay=0.9)
     first.fit()
-    assert find_checkpoint(tmp_path / "split", "latest").name == "checkpoint-3"
-    assert not list((tmp_path / "split").glob("*.partial"))
-    second, second_method = make_trainer(tmp_path / "split", steps=6, resume_from_checkpoint="latest")
+    checkpoint = find_checkpoint(tmp_path / "split", "latest")
+    assert checkpoint.name == "checkpoint-3"
+    assert not list((tmp_path / "split").glob("*.partial")) and not list(checkpoint.glob("custom_checkpoint*"))
+    second, second_method = make_trainer(tmp_path / "split", steps=6, resume_from_checkpoint="latest", ema_decay=0.9)
     second.fit()
     assert second.progress.step == 6 and second_method.generator_calls == 3
-    torch.testing.assert_close(second_method.generator.weight, full_method.generator.weight)
-    torch.testing.assert_close(second_method.critic.weight, full_method.critic.weight)
+    torch.testing.assert_close(second_method.generator.weight, full_method.generator.weight, atol=0, rtol=0)
+    torch.testing.assert_close(second_method.critic.weight, full_method.critic.weight, atol=0, rtol=0)
+    torch.testing.assert_close(second.ema.shadow, full.ema.shadow, atol=0, rtol=0)
 
 
 def test_old_checkpoints_are_pruned(tmp_path):
