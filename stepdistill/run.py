@@ -1,0 +1,230 @@
+"""What every distillation run does around its method: flags, set-up, data, validation, export, report.
+
+A recipe subclasses :class:`RunConfig` with its method's flags and calls these in order:
+
+    accelerator = start(cfg, "dmd2")              # validated flags, seeds, threads, trackers, config.json
+    teacher = load_teacher(...); prompts, real_latents = training_data(cfg, teacher)
+    ... build the networks and the method ...
+    trainer = Trainer(trainer_config(cfg), ..., validate=make_validator(cfg, teacher, student, timesteps, prompts))
+    student_dir = export_student(cfg, teacher, trainer, student_unet, adapter)
+    final_report(cfg, teacher, prompts, student_dir, seconds)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, set_seed
+from torch import nn
+
+from stepdistill import config as configs
+from stepdistill import export
+from stepdistill.assets import DIGITS_TEACHER
+from stepdistill.config import ConfigError, field
+from stepdistill.data import digits, prompts as user_data
+from stepdistill.evaluation import report
+from stepdistill.evaluation.digits_metrics import DigitsEvaluator
+from stepdistill.evaluation.grid import save_grid
+from stepdistill.evaluation.sampling import generate
+from stepdistill.evaluation.validation import StudentValidator
+from stepdistill.models.denoiser import Denoiser
+from stepdistill.models.loading import load_pipeline
+from stepdistill.models.teacher import Teacher
+from stepdistill.trainer import (
+    Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_data_parallel, set_cpu_threads,
+)
+
+
+@dataclass
+class RunConfig:
+    """Flags every recipe shares; a recipe's config subclasses this and adds its method's flags."""
+
+    # model
+    pretrained_model_name_or_path: str = field(str(DIGITS_TEACHER), "teacher pipeline folder or hub id (default: shipped digits teacher)")
+    revision: str | None = field(None, "hub revision of the teacher")
+    variant: str | None = field(None, "weight variant of the teacher, e.g. fp16")
+    use_lora: bool = field(False, "train LoRA adapters on the frozen teacher UNet instead of full copies")
+    lora_rank: int = field(16, "LoRA rank")
+    # data
+    prompts_file: str | None = field(None, ".txt / .jsonl prompts (default: the digits captions)")
+    train_data_dir: str | None = field(None, "captioned image folder (metadata.jsonl) of real images")
+    # student
+    num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50)")
+    guidance_scale: float = field(1.5, "teacher classifier-free guidance distilled into the student (1.5 is the digits teacher's best)")
+    # optimisation
+    output_dir: str = field("outputs/run", "where checkpoints, the student and report.json go")
+    max_train_steps: int = field(300, "student (generator) updates")
+    train_batch_size: int = field(32, "batch size of every update")
+    learning_rate: float = field(1e-4, "student AdamW learning rate")
+    adam_weight_decay: float = field(0.01, "AdamW weight decay")
+    max_grad_norm: float = field(10.0, "gradient-norm clip (0: off)")
+    gradient_accumulation_steps: int = field(1, "micro-batches per update")
+    mixed_precision: str = field("no", "no | fp16 | bf16")
+    gradient_checkpointing: bool = field(False, "trade compute for memory in the trained UNets")
+    ema_decay: float = field(0.0, "EMA of the student weights that get exported (0: off)")
+    seed: int = field(0, "seed of everything")
+    num_threads: int = field(0, "CPU threads for torch (0: all cores, shared among processes)")
+    checkpointing_steps: int = field(0, "save a resumable checkpoint every N steps (0: off)")
+    checkpoints_total_limit: int = field(2, "keep this many checkpoints")
+    resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint folder")
+    # monitoring and evaluation
+    report_to: str = field("auto", "accelerate tracker (tensorboard, wandb, ...), none, or auto: tensorboard if installed")
+    validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)")
+    num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a 16-image grid)")
+    eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher; 0: none)")
+    teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)")
+    dry_run: bool = field(False, "validate the flags and exit")
+
+    def validate(self) -> None:
+        """Every check that needs no model, run before anything is loaded; recipes extend it."""
+        for name in ("lora_rank", "num_student_steps", "max_train_steps", "train_batch_size",
+                     "gradient_accumulation_steps", "checkpoints_total_limit", "num_validation_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")
+        for name in ("guidance_scale", "max_grad_norm", "eval_num_samples", "teacher_eval_steps", "checkpointing_steps",
+                     "validation_steps", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
+        if self.num_student_steps > 50:
+            raise ConfigError(f"--num_student_steps must be ≤ 50, the student scheduler's grid (got {self.num_student_steps})")
+        if self.eval_num_samples == 1:
+            raise ConfigError("--eval_num_samples must be 0 (no report) or ≥ 2 (FD needs two samples)")
+        if self.use_lora and self.gradient_checkpointing:
+            raise ConfigError(
+                "--use_lora with --gradient_checkpointing is not supported: the recomputed forward would run with "
+                "the wrong adapter active; drop one of the two"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
+        trackers = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
+        if self.report_to not in trackers:
+            raise ConfigError(f"--report_to must be one of {', '.join(trackers)} (got {self.report_to!r})")
+        if self.report_to not in ("auto", "none") and self.report_to not in get_available_trackers():
+            raise ConfigError(f"--report_to {self.report_to}: the package is not installed (pip install {self.report_to})")
+        if self.prompts_file and self.train_data_dir:
+            raise ConfigError("give --prompts_file or --train_data_dir (whose captions are the prompts), not both")
+        if self.prompts_file and not Path(self.prompts_file).is_file():
+            raise ConfigError(f"--prompts_file {self.prompts_file} does not exist")
+        if self.train_data_dir and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
+            raise ConfigError(f"--train_data_dir {self.train_data_dir} needs a metadata.jsonl (file_name, text per line)")
+        configs.require_writable_dir(self.output_dir, "--output_dir")
+        if self.resume_from_checkpoint:
+            find_checkpoint(self.output_dir, self.resume_from_checkpoint)
+
+    @property
+    def uses_digits(self) -> bool:
+        """Whether the run trains on the embedded digits data (and so can be scored offline)."""
+        return not (self.prompts_file or self.train_data_dir)
+
+
+def start(cfg: RunConfig, name: str) -> Accelerator:
+    """Accelerator, threads, seed, trackers; the output folder with ``config.json`` (main process)."""
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
+    require_data_parallel(accelerator)
+    set_cpu_threads(accelerator, cfg.num_threads)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        configs.save(cfg, Path(cfg.output_dir) / "config.json")
+    accelerator.init_trackers(f"stepdistill-{name}", config={k: str(v) if v is None else v for k, v in vars(cfg).items()})
+    return accelerator
+
+
+def training_data(cfg: RunConfig, teacher: Teacher) -> tuple[list[str], torch.Tensor | None]:
+    """Prompts to train on and, when available, the matching real images' latents."""
+    if cfg.train_data_dir:
+        images, captions = user_data.read_image_folder(cfg.train_data_dir, image_size(teacher))
+        return captions, teacher.encode_images(images)
+    if cfg.prompts_file:
+        return user_data.read_prompts(cfg.prompts_file), None
+    train = digits.load_digits("train")  # the digits default: captions and images of the train split
+    return train.prompts, teacher.encode_images(train.images)
+
+
+def image_size(teacher: Teacher) -> int:
+    return teacher.unet.config.sample_size * teacher.pipeline.vae_scale_factor
+
+
+def scores_digits(cfg: RunConfig, teacher: Teacher) -> bool:
+    """Whether the offline digits metrics apply: digit prompts and 32×32 images."""
+    return cfg.uses_digits and image_size(teacher) == digits.IMAGE_SIZE
+
+
+def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) -> TrainerConfig:
+    """The loop's settings from the shared flags (the critic learns at ``learning_rate`` unless given)."""
+    return TrainerConfig(
+        output_dir=cfg.output_dir, max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate,
+        critic_learning_rate=critic_learning_rate or cfg.learning_rate, adam_weight_decay=cfg.adam_weight_decay,
+        max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision, ema_decay=cfg.ema_decay, checkpointing_steps=cfg.checkpointing_steps,
+        checkpoints_total_limit=cfg.checkpoints_total_limit, resume_from_checkpoint=cfg.resume_from_checkpoint,
+        validation_steps=cfg.validation_steps, seed=cfg.seed,
+    )
+
+
+def make_validator(
+    cfg: RunConfig, teacher: Teacher, student: Denoiser, timesteps: tuple[int, ...], prompts: list[str]
+) -> StudentValidator | None:
+    """Validation every ``validation_steps``: FD-digits on the digits, a 16-prompt grid otherwise."""
+    if not cfg.validation_steps:
+        return None
+    if scores_digits(cfg, teacher):
+        return StudentValidator(teacher, student, timesteps, digits.evaluation_prompts(cfg.num_validation_images),
+                                cfg.output_dir, evaluator=DigitsEvaluator(), seed=cfg.seed)
+    return StudentValidator(teacher, student, timesteps, prompts[: min(16, cfg.num_validation_images)], cfg.output_dir,
+                            seed=cfg.seed)
+
+
+def export_student(cfg: RunConfig, teacher: Teacher, trainer: Trainer, student_unet: nn.Module, adapter: str | None) -> Path:
+    """Write ``output_dir/student`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline."""
+    if trainer.ema is not None:
+        trainer.ema.copy_to_parameters()
+    student_unet = trainer.accelerator.unwrap_model(student_unet)
+    student_dir = Path(cfg.output_dir) / "student"
+    if cfg.use_lora:
+        export.export_lora(teacher.pipeline, student_unet, adapter, student_dir, cfg.num_student_steps)
+    else:
+        export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps)
+    print(f"trained {trainer.progress.step} steps in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
+    return student_dir
+
+
+def final_report(cfg: RunConfig, teacher: Teacher, prompts: list[str], student_dir: Path, training_seconds: float) -> dict:
+    """Score the exported student (as plain diffusers loads it) and the teacher on the same noise.
+
+    On the digits: FD-digits and prompt accuracy at 1 and N student steps and for the teacher, in
+    ``report.json`` and grids; otherwise a grid of the first 16 training prompts.
+    """
+    if cfg.eval_num_samples == 0:
+        return {}
+    output_dir = Path(cfg.output_dir)
+    if cfg.use_lora:
+        student = export.load_lora_student(cfg.pretrained_model_name_or_path, student_dir, cfg.revision, cfg.variant)
+    else:
+        student = load_pipeline(student_dir)
+    if not scores_digits(cfg, teacher):
+        images, _ = generate(student, prompts[:16], cfg.num_student_steps, 1.0, seed=cfg.seed)
+        save_grid(images, output_dir / "student_grid.png", num_columns=4)
+        return {}
+    eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
+    scorers = report.Scorers(digits=DigitsEvaluator())
+    steps = tuple(sorted({1, cfg.num_student_steps}))
+    results = report.evaluate(student, "student", steps, (1.0,), eval_prompts, scorers, output_dir, seed=cfg.seed)
+    if cfg.teacher_eval_steps:
+        results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),
+                                   eval_prompts, scorers, output_dir, seed=cfg.seed)
+    floor = scorers.digits.real_floor(cfg.eval_num_samples)
+    report.write_report(
+        results, output_dir / "report.json", real_vs_real_fd_digits=floor, training_seconds=training_seconds, config=vars(cfg)
+    )
+    print(report.markdown_table(results))
+    print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
+    return {"results": results, "floor": floor}
