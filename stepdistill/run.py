@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType, set_seed
+from diffusers.optimization import SchedulerType
 from torch import nn
 
 from stepdistill import config as configs
@@ -60,6 +61,8 @@ class RunConfig:
     max_train_steps: int = field(300, "student (generator) updates")
     train_batch_size: int = field(32, "batch size of every update")
     learning_rate: float = field(1e-4, "student AdamW learning rate")
+    lr_scheduler: str = field("constant", "learning-rate schedule of every optimiser: constant, linear, cosine, ... (diffusers' names)")
+    lr_warmup_steps: int = field(0, "warm-up updates of the schedule")
     adam_weight_decay: float = field(0.01, "AdamW weight decay")
     max_grad_norm: float = field(10.0, "gradient-norm clip (0: off)")
     gradient_accumulation_steps: int = field(1, "micro-batches per update")
@@ -88,7 +91,7 @@ class RunConfig:
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")
         for name in ("guidance_scale", "max_grad_norm", "eval_num_samples", "teacher_eval_steps", "checkpointing_steps",
-                     "validation_steps", "num_threads"):
+                     "validation_steps", "num_threads", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
         if self.num_student_steps > 50:
@@ -100,6 +103,9 @@ class RunConfig:
                 "--use_lora with --gradient_checkpointing is not supported: the recomputed forward would run with "
                 "the wrong adapter active; drop one of the two"
             )
+        schedules = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
+        if self.lr_scheduler not in schedules:
+            raise ConfigError(f"--lr_scheduler must be one of {', '.join(schedules)} (got {self.lr_scheduler!r})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -164,7 +170,8 @@ def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) ->
         output_dir=cfg.output_dir, max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate,
         critic_learning_rate=critic_learning_rate or cfg.learning_rate, adam_weight_decay=cfg.adam_weight_decay,
         max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision, ema_decay=cfg.ema_decay, checkpointing_steps=cfg.checkpointing_steps,
+        mixed_precision=cfg.mixed_precision, lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.lr_warmup_steps,
+        ema_decay=cfg.ema_decay, checkpointing_steps=cfg.checkpointing_steps,
         checkpoints_total_limit=cfg.checkpoints_total_limit, resume_from_checkpoint=cfg.resume_from_checkpoint,
         validation_steps=cfg.validation_steps, seed=cfg.seed,
     )

@@ -10,6 +10,7 @@ critic updates (the two time-scale update rule of DMD2; 1 for methods without a 
         every checkpointing_steps: atomic checkpoint
 
 Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
+steps its optimiser's learning-rate schedule (diffusers' ``get_scheduler``: constant, linear, cosine, ...),
 and is skipped (and counted) if its loss is not finite; ``max_consecutive_skips`` skips in a row
 stop the run with :class:`DivergedError` (checkpoints already written stay intact).
 """
@@ -30,6 +31,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
+from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -63,6 +65,8 @@ class TrainerConfig:
     max_grad_norm: float = 10.0
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     ema_decay: float = 0.0
     max_consecutive_skips: int = 10
     checkpointing_steps: int = 0
@@ -272,6 +276,13 @@ class Trainer:
         if self.critic_optimizer is not None:
             self.critic_optimizer = prepared[len(modules) + 1]
         self.generator_parameters, self.critic_parameters = generator_parameters, critic_parameters
+        critic_updates = cfg.max_train_steps * getattr(method, "critic_steps_per_generator_step", 1)
+        self.lr_schedulers = {
+            role: get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=updates)
+            for role, optimizer, updates in (("generator", self.generator_optimizer, cfg.max_train_steps),
+                                             ("critic", self.critic_optimizer, critic_updates))
+            if optimizer is not None
+        }
         self.ema = EMA(generator_parameters, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.progress = Progress()
         self.log_path = Path(cfg.output_dir) / "train_log.jsonl"
@@ -296,6 +307,7 @@ class Trainer:
             self.accelerator.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers[role].step()
         self.progress.consecutive_skips[role] = 0
         return totals
 
@@ -328,7 +340,8 @@ class Trainer:
         self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
         if self.accelerator.is_main_process:  # our own state, as JSON and safetensors (nothing pickled)
-            (partial / TRAINER_STATE).write_text(json.dumps(self.progress.state_dict()))
+            schedulers = {role: scheduler.state_dict() for role, scheduler in self.lr_schedulers.items()}
+            (partial / TRAINER_STATE).write_text(json.dumps({"progress": self.progress.state_dict(), "lr_schedulers": schedulers}))
             if self.ema is not None:
                 self.ema.save(partial / EMA_WEIGHTS)
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
@@ -391,7 +404,10 @@ class Trainer:
         if cfg.resume_from_checkpoint:
             checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
             self.accelerator.load_state(str(checkpoint))
-            self.progress.load_state_dict(json.loads((checkpoint / TRAINER_STATE).read_text()))
+            state = json.loads((checkpoint / TRAINER_STATE).read_text())
+            self.progress.load_state_dict(state["progress"])
+            for role, scheduler in self.lr_schedulers.items():
+                scheduler.load_state_dict(state["lr_schedulers"][role])
             if self.ema is not None:
                 self.ema.load(checkpoint / EMA_WEIGHTS)
             logger.info(f"resumed from {checkpoint} at step {self.progress.step}", main_process_only=True)

@@ -59,6 +59,18 @@ def test_ttur_ratio_is_respected(tmp_path):
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 4
 
 
+def test_learning_rate_schedules_follow_each_optimisers_updates(tmp_path):
+    trainer, _ = make_trainer(tmp_path, critic_steps=3, steps=4, lr_scheduler="linear")
+    trainer.fit()  # linear decay to 0 over 4 generator updates and 12 critic updates
+    assert trainer.generator_optimizer.param_groups[0]["lr"] == 0.0
+    assert trainer.critic_optimizer.param_groups[0]["lr"] == 0.0
+    half, _ = make_trainer(tmp_path / "half", critic_steps=3, steps=4, lr_scheduler="linear")
+    half.cfg.max_train_steps = 2  # stop halfway through the same schedule
+    half.fit()
+    assert half.generator_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert half.critic_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 def test_gradient_accumulation_draws_micro_batches(tmp_path):
     trainer, method = make_trainer(tmp_path, critic_steps=2, steps=3, accumulation=4)
     trainer.fit()
@@ -112,14 +124,16 @@ def test_validation_sees_the_ema_weights_and_leaves_the_live_ones(tmp_path):
 
 
 def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
-    full, full_method = make_trainer(tmp_path / "full", steps=6, ema_decay=0.9)
+    full, full_method = make_trainer(tmp_path / "full", steps=6, ema_decay=0.9, lr_scheduler="cosine")
     full.fit()
-    first, _ = make_trainer(tmp_path / "split", steps=3, checkpointing_steps=3, ema_decay=0.9)
+    first, _ = make_trainer(tmp_path / "split", steps=6, checkpointing_steps=3, ema_decay=0.9, lr_scheduler="cosine")
+    first.cfg.max_train_steps = 3  # a run of 6 steps that stops (crashes) after step 3
     first.fit()
     checkpoint = find_checkpoint(tmp_path / "split", "latest")
     assert checkpoint.name == "checkpoint-3"
     assert not list((tmp_path / "split").glob("*.partial")) and not list(checkpoint.glob("custom_checkpoint*"))
-    second, second_method = make_trainer(tmp_path / "split", steps=6, resume_from_checkpoint="latest", ema_decay=0.9)
+    second, second_method = make_trainer(tmp_path / "split", steps=6, resume_from_checkpoint="latest", ema_decay=0.9,
+                                         lr_scheduler="cosine")
     second.fit()
     assert second.progress.step == 6 and second_method.generator_calls == 3
     torch.testing.assert_close(second_method.generator.weight, full_method.generator.weight, atol=0, rtol=0)

@@ -92,6 +92,7 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
         (["--max_train_steps", "ten"], "invalid"),
         (["--use_lora", "maybe"], "expected true/false"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
+        (["--lr_scheduler", "exponential"], "--lr_scheduler must be one of"),
     ],
 )
 def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):
