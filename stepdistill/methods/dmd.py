@@ -141,7 +141,7 @@ class DMD2:
         # 3. GAN generator term: the discriminator should call noised student samples real
         if self.gan_generator_weight > 0:
             x_t_grad = self.process.add_noise(x, torch.randn_like(x), t)
-            features = self.nets.fake_score(x_t_grad, t, batch.text, return_features=True).features
+            features = self.nets.fake_score.features(x_t_grad, t, batch.text)
             losses["gan_generator"] = gan_generator_loss(self.nets.discriminator(features))
             total = total + self.gan_generator_weight * losses["gan_generator"]
         # 4. optional regression onto teacher ODE outputs (DMD eq. 9)
@@ -171,7 +171,7 @@ class DMD2:
             if batch.real_latents is None:
                 raise ValueError("the GAN term needs real images in the batch (real_latents)")
             real_t = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), t)
-            real_features = self.nets.fake_score(real_t, t, batch.text, return_features=True).features
+            real_features = self.nets.fake_score.features(real_t, t, batch.text)
             losses["gan_critic"] = gan_critic_loss(
                 self.nets.discriminator(real_features), self.nets.discriminator(prediction.features)
             )

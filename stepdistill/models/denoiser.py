@@ -44,6 +44,10 @@ class Prediction:
     features: torch.Tensor | None = None
 
 
+class _FeaturesReady(Exception):
+    """Raised by the mid-block hook to stop a forward pass whose remaining layers are not needed."""
+
+
 class Denoiser(nn.Module):
     """Wrap a UNet so it returns (x̂0, ε̂); optionally with classifier-free guidance."""
 
@@ -89,3 +93,22 @@ class Denoiser(nn.Module):
         x0, eps = self.process.to_x0_eps(prediction.float(), x_t.float(), t)
         mid = features[0][: x_t.shape[0]] if features else None
         return Prediction(x0=x0, eps=eps, features=mid)
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Mid-block features alone: the forward pass stops there (the up path is never run)."""
+        captured: list[torch.Tensor] = []
+
+        def stop(module, inputs, output):
+            captured.append(output)
+            raise _FeaturesReady
+
+        hook = self.unet.mid_block.register_forward_hook(stop)
+        try:
+            select_adapter(self.unet, self.adapter)
+            self.unet(x_t, t, text)
+        except _FeaturesReady:
+            return captured[0]
+        finally:
+            hook.remove()
+        raise RuntimeError("the UNet's mid block never ran")
+

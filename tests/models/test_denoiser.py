@@ -1,0 +1,26 @@
+"""The denoiser contract's mid-block features: the early-stopping path equals the full forward's."""
+
+from __future__ import annotations
+
+import torch
+
+from stepdistill.models.denoiser import Denoiser
+from stepdistill.models.teacher import load_teacher
+
+
+def test_features_alone_equal_the_full_forwards_and_carry_gradients(tiny_pipeline_dir):
+    teacher = load_teacher(str(tiny_pipeline_dir))
+    denoiser = Denoiser(teacher.unet, teacher.process)
+    teacher.unet.requires_grad_(True)
+    try:
+        x = torch.randn(3, *teacher.latent_shape)
+        t = torch.tensor([10, 500, 990])
+        text = teacher.encode_prompts(["a handwritten digit one", "a handwritten digit two", ""])
+        expected = denoiser(x, t, text, return_features=True).features
+        features = denoiser.features(x, t, text)
+        torch.testing.assert_close(features, expected, atol=0, rtol=0)
+        features.square().sum().backward()
+        assert teacher.unet.conv_in.weight.grad.abs().sum() > 0  # the down path is trained through it
+        assert teacher.unet.conv_out.weight.grad is None  # the up path never ran
+    finally:
+        teacher.unet.requires_grad_(False)
