@@ -44,6 +44,7 @@ class DMD2Config(run.RunConfig):
     critic_learning_rate: float | None = field(None, "fake score / discriminator learning rate (default: learning_rate)")
     gan_generator_weight: float = field(3e-3, "weight of the GAN term in the student loss (0: off; needs real images)")
     gan_critic_weight: float = field(1e-2, "weight of the GAN term in the critic loss (0: off; needs real images)")
+    gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
     regression_weight: float = field(0.0, "DMD1 regression loss weight (latent MSE to teacher ODE outputs; 0: off)")
     num_regression_pairs: int = field(256, "noise/teacher-output pairs made at start when regression_weight > 0")
 
@@ -54,7 +55,7 @@ class DMD2Config(run.RunConfig):
                 raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
         if self.critic_learning_rate is not None and not self.critic_learning_rate > 0:
             raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
-        for name in ("gan_generator_weight", "gan_critic_weight", "regression_weight"):
+        for name in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "gan_max_timestep"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
 
@@ -108,6 +109,7 @@ def main(cfg: DMD2Config) -> None:
         critic_steps_per_generator_step=cfg.critic_steps_per_generator_step,
         gan_generator_weight=cfg.gan_generator_weight if with_gan else 0.0,
         gan_critic_weight=cfg.gan_critic_weight if with_gan else 0.0,
+        gan_max_timestep=cfg.gan_max_timestep,
         regression_weight=cfg.regression_weight,
         regression_pairs=regression_pairs(teacher, text, cfg) if cfg.regression_weight else None,
     )

@@ -14,7 +14,8 @@ generator step, the two time-scale update rule). The gradient enters through the
 ½‖x − sg(x − ∇)‖², whose gradient in x is exactly ∇ (scaled by the mean over elements).
 
 DMD2 adds a GAN term (§4.2): a classifier head on the fake score's mid-block features tells
-noised real images from noised student samples (non-saturating loss), and multi-step students
+noised real images from noised student samples (non-saturating loss; noise levels up to
+``gan_max_timestep``, DMD2's diffusion-GAN range: low values let it see fine detail), and multi-step students
 trained on their own sampler's intermediate states, "backward simulation" (§4.3). DMD's
 regression loss (DMD eq. 9) is optional; here it is an MSE in latent space against teacher
 ODE outputs for fixed noises (the paper uses LPIPS, whose weights cannot be fetched offline).
@@ -78,6 +79,7 @@ class DMD2:
     max_timestep_fraction: float = 0.98
     gan_generator_weight: float = 0.0
     gan_critic_weight: float = 0.0
+    gan_max_timestep: int = 999
     regression_weight: float = 0.0
     regression_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -86,6 +88,8 @@ class DMD2:
             raise ValueError("student_timesteps must hold at least one timestep")
         if self.critic_steps_per_generator_step < 1:
             raise ValueError(f"critic_steps_per_generator_step must be ≥ 1 (got {self.critic_steps_per_generator_step})")
+        if not 0 <= self.gan_max_timestep < self.process.num_train_timesteps:
+            raise ValueError(f"gan_max_timestep must be in [0, {self.process.num_train_timesteps - 1}] (got {self.gan_max_timestep})")
         if (self.gan_generator_weight > 0 or self.gan_critic_weight > 0) and self.nets.discriminator is None:
             raise ValueError("a GAN weight > 0 needs networks built with a discriminator")
         if self.regression_weight > 0 and self.regression_pairs is None:
@@ -140,8 +144,8 @@ class DMD2:
         total = losses["dmd"]
         # 3. GAN generator term: the discriminator should call noised student samples real
         if self.gan_generator_weight > 0:
-            x_t_grad = self.process.add_noise(x, torch.randn_like(x), t)
-            features = self.nets.fake_score.features(x_t_grad, t, batch.text)
+            x_gan, gan_t, _ = self._noised(x, 0, self.gan_max_timestep)
+            features = self.nets.fake_score.features(x_gan, gan_t, batch.text)
             losses["gan_generator"] = gan_generator_loss(self.nets.discriminator(features))
             total = total + self.gan_generator_weight * losses["gan_generator"]
         # 4. optional regression onto teacher ODE outputs (DMD eq. 9)
@@ -163,17 +167,18 @@ class DMD2:
             x = self.generate(batch)
         last = self.process.num_train_timesteps - 1
         x_t, t, eps = self._noised(x, 0, last)
-        prediction = self.nets.fake_score(x_t, t, batch.text, return_features=self.gan_critic_weight > 0)
+        prediction = self.nets.fake_score(x_t, t, batch.text)
         losses: Losses = {"fake_score": denoising_loss(prediction.eps, eps)}
         total = losses["fake_score"]
-        # 6. discriminator update: noised real latents vs noised student samples at the same t
+        # 6. discriminator update: noised real latents vs noised student samples at the same t ≤ gan_max_timestep
         if self.gan_critic_weight > 0:
             if batch.real_latents is None:
                 raise ValueError("the GAN term needs real images in the batch (real_latents)")
-            real_t = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), t)
-            real_features = self.nets.fake_score.features(real_t, t, batch.text)
+            fake_gan, gan_t, _ = self._noised(x, 0, self.gan_max_timestep)
+            real_gan = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), gan_t)
             losses["gan_critic"] = gan_critic_loss(
-                self.nets.discriminator(real_features), self.nets.discriminator(prediction.features)
+                self.nets.discriminator(self.nets.fake_score.features(real_gan, gan_t, batch.text)),
+                self.nets.discriminator(self.nets.fake_score.features(fake_gan, gan_t, batch.text)),
             )
             total = total + self.gan_critic_weight * losses["gan_critic"]
         losses["loss"] = total

@@ -37,11 +37,10 @@ def select_adapter(unet: nn.Module, adapter: str | None) -> None:
 
 @dataclass
 class Prediction:
-    """A denoiser's output: clean sample and noise estimates, plus mid-block features when asked."""
+    """A denoiser's output: clean sample and noise estimates."""
 
     x0: torch.Tensor
     eps: torch.Tensor
-    features: torch.Tensor | None = None
 
 
 class _FeaturesReady(Exception):
@@ -64,7 +63,6 @@ class Denoiser(nn.Module):
         text: torch.Tensor,
         uncond: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
-        return_features: bool = False,
     ) -> Prediction:
         """Denoise ``x_t`` at integer timesteps ``t`` (shape ``(B,)``) given text embeddings ``(B, L, D)``.
 
@@ -77,22 +75,15 @@ class Denoiser(nn.Module):
         guided = guidance_scale != 1.0
         if guided and uncond is None:
             raise ValueError("classifier-free guidance needs unconditional embeddings")
-        features: list[torch.Tensor] = []
-        hook = self.unet.mid_block.register_forward_hook(lambda m, i, o: features.append(o)) if return_features else None
-        try:
-            select_adapter(self.unet, self.adapter)
-            if guided:
-                both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond])).sample
-                conditional, unconditional = both.chunk(2)
-                prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)
-            else:
-                prediction = self.unet(x_t, t, text).sample
-        finally:
-            if hook is not None:
-                hook.remove()
+        select_adapter(self.unet, self.adapter)
+        if guided:
+            both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond])).sample
+            conditional, unconditional = both.chunk(2)
+            prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)
+        else:
+            prediction = self.unet(x_t, t, text).sample
         x0, eps = self.process.to_x0_eps(prediction.float(), x_t.float(), t)
-        mid = features[0][: x_t.shape[0]] if features else None
-        return Prediction(x0=x0, eps=eps, features=mid)
+        return Prediction(x0=x0, eps=eps)
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Mid-block features alone: the forward pass stops there (the up path is never run)."""
