@@ -100,6 +100,40 @@ def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Ten
     return unconditional + scale * (conditional - unconditional)
 
 
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, t_next: torch.Tensor, process: NoiseProcess) -> torch.Tensor:
+    """One deterministic DDIM step (Song et al. 2021, eq. 12 with η = 0) to timestep ``t_next``:
+
+        x_{t'} = α_{t'} x̂0 + σ_{t'} ε̂
+
+    the forward process applied to the predicted pair. diffusers' ``DDIMScheduler.step`` (eta=0)
+    computes the same when ``t_next`` is its previous timestep.
+    """
+    return process.add_noise(x0, eps, t_next)
+
+
+LCM_SIGMA_DATA = 0.5  # σ_d of diffusers' LCMScheduler boundary scalings
+
+
+def consistency_scalings(
+    t: torch.Tensor, timestep_scaling: float, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The consistency boundary scalings (c_skip, c_out) as diffusers' ``LCMScheduler`` computes them.
+
+    Latent Consistency Models (Luo et al. 2023, eq. 9, after Song et al. 2023 eq. 7), with τ = s·t
+    the integer timestep scaled by ``timestep_scaling`` s (LCM: 10) and σ_d = 0.5:
+
+        c_skip(t) = σ_d² / (τ² + σ_d²),   c_out(t) = τ / √(τ² + σ_d²)
+
+    so c_skip(0) = 1 and c_out(0) = 0: a consistency function f = c_skip x + c_out x̂0 is the
+    identity at t = 0. Both are shaped to broadcast against ``like``.
+    """
+    scaled = torch.as_tensor(t, device="cpu").double().reshape(-1) * timestep_scaling
+    c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + LCM_SIGMA_DATA**2).sqrt()
+    shape = (-1, *([1] * (like.ndim - 1)))
+    return tuple(c.to(device=like.device, dtype=like.dtype).reshape(shape) for c in (c_skip, c_out))
+
+
 def uniform_timesteps(
     batch_size: int, low: int, high: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:

@@ -5,7 +5,9 @@ next timestep with fresh noise). diffusers' ``LCMScheduler`` computes exactly th
 consistency boundary mix is switched off: its output is c_skip(t)·x_t + c_out(t)·x̂0 with
 c_skip = σ_d² / ((s t)² + σ_d²), and with ``timestep_scaling`` s = 1e4 we get c_skip < 1e-8 for
 every t ≥ 1 (s = 10, LCM's own value, leaves ~1e-7). The timesteps an N-step student is trained
-on are read off that scheduler, so training and sampling agree by construction.
+on are read off that scheduler, so training and sampling agree by construction. Consistency
+students are trained with the boundary mix (s = 10) and exported with it, on their solver grid
+(``original_inference_steps``): pass that ``student_scheduler`` to the export functions.
 
 * full weights: a complete pipeline folder (``DiffusionPipeline.from_pretrained(output_dir)``);
 * LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``pipe.load_lora_weights``)
@@ -29,11 +31,17 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TIMESTEP_SCALING = 1e4
 
 
-def student_scheduler(teacher_scheduler) -> LCMScheduler:
-    """An ``LCMScheduler`` on the teacher's noise schedule that samples the student exactly."""
+def student_scheduler(
+    teacher_scheduler, timestep_scaling: float = TIMESTEP_SCALING, original_inference_steps: int = 50
+) -> LCMScheduler:
+    """An ``LCMScheduler`` on the teacher's noise schedule that samples the student exactly.
+
+    ``timestep_scaling``: 1e4 switches the boundary mix off (DMD students), 10 is LCM's consistency
+    function; ``original_inference_steps`` N puts N-step sampling on the grid t = k·n − 1, k = T / N.
+    """
     return LCMScheduler.from_config(
-        teacher_scheduler.config, timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False,
-        set_alpha_to_one=True, timestep_spacing="trailing",
+        teacher_scheduler.config, timestep_scaling=timestep_scaling, clip_sample=False, thresholding=False,
+        set_alpha_to_one=True, timestep_spacing="trailing", original_inference_steps=original_inference_steps,
     )
 
 
@@ -57,11 +65,16 @@ def _write_metadata(output_dir: Path, num_steps: int, timesteps: tuple[int, ...]
 
 
 def export_full(
-    teacher_pipeline: DiffusionPipeline, student_unet: nn.Module, output_dir: str | Path, num_steps: int
+    teacher_pipeline: DiffusionPipeline,
+    student_unet: nn.Module,
+    output_dir: str | Path,
+    num_steps: int,
+    scheduler: LCMScheduler | None = None,
 ) -> Path:
-    """Save the teacher's pipeline with the student's UNet and the student scheduler."""
+    """Save the teacher's pipeline with the student's UNet and the student scheduler
+    (``scheduler``, by default :func:`student_scheduler` of the teacher's)."""
     output_dir = Path(output_dir)
-    scheduler = student_scheduler(teacher_pipeline.scheduler)
+    scheduler = scheduler or student_scheduler(teacher_pipeline.scheduler)
     timesteps = student_timesteps(scheduler, num_steps)
     components = {**teacher_pipeline.components, "unet": student_unet, "scheduler": scheduler}
     student_pipeline = type(teacher_pipeline)(**components)
@@ -71,14 +84,20 @@ def export_full(
 
 
 def export_lora(
-    teacher_pipeline: DiffusionPipeline, unet: nn.Module, adapter: str, output_dir: str | Path, num_steps: int
+    teacher_pipeline: DiffusionPipeline,
+    unet: nn.Module,
+    adapter: str,
+    output_dir: str | Path,
+    num_steps: int,
+    scheduler: LCMScheduler | None = None,
 ) -> Path:
-    """Save one peft adapter of ``unet`` as diffusers LoRA weights plus the student scheduler."""
+    """Save one peft adapter of ``unet`` as diffusers LoRA weights plus the student scheduler
+    (``scheduler``, by default :func:`student_scheduler` of the teacher's)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(unet, adapter_name=adapter)  # diffusers reads peft keys as they are
     type(teacher_pipeline).save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
-    scheduler = student_scheduler(teacher_pipeline.scheduler)
+    scheduler = scheduler or student_scheduler(teacher_pipeline.scheduler)
     scheduler.save_pretrained(output_dir / "scheduler")
     _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps), "lora")
     return output_dir

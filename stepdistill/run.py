@@ -4,6 +4,7 @@ A recipe subclasses :class:`RunConfig` with its method's flags and calls these i
 
     accelerator = start(cfg, "dmd2")              # validated flags, seeds, threads, trackers, config.json
     teacher = load_teacher(...); prompts, real_latents = training_data(cfg, teacher)
+    next_batch = batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
     ... build the networks and the method ...
     trainer = Trainer(trainer_config(cfg), ..., validate=make_validator(cfg, teacher, student, timesteps, prompts))
     student_dir = export_student(cfg, teacher, trainer, student_unet, adapter)
@@ -12,6 +13,7 @@ A recipe subclasses :class:`RunConfig` with its method's flags and calls these i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.grid import save_grid
 from stepdistill.evaluation.sampling import generate
 from stepdistill.evaluation.validation import StudentValidator
+from stepdistill.methods.base import Batch
 from stepdistill.models.denoiser import Denoiser
 from stepdistill.models.loading import load_pipeline
 from stepdistill.models.teacher import Teacher
@@ -155,6 +158,24 @@ def training_data(cfg: RunConfig, teacher: Teacher) -> tuple[list[str], torch.Te
     return train.prompts, teacher.encode_images(train.images)
 
 
+def batch_sampler(
+    cfg: RunConfig, teacher: Teacher, prompts: list[str], real_latents: torch.Tensor | None, device: torch.device
+) -> Callable[[], Batch]:
+    """``next_batch()``: ``train_batch_size`` random prompts' cached text embeddings, the empty
+    prompt's, and the matching real latents (when there are any)."""
+    text = teacher.encode_prompts(prompts)
+    uncond = teacher.encode_prompts([""]).expand(cfg.train_batch_size, -1, -1).to(device)
+
+    def next_batch() -> Batch:
+        pick = torch.randint(len(text), (cfg.train_batch_size,))
+        return Batch(
+            text=text[pick].to(device), uncond=uncond,
+            real_latents=real_latents[pick].to(device) if real_latents is not None else None,
+        )
+
+    return next_batch
+
+
 def image_size(teacher: Teacher) -> int:
     return teacher.unet.config.sample_size * teacher.pipeline.vae_scale_factor
 
@@ -190,25 +211,32 @@ def make_validator(
                             seed=cfg.seed)
 
 
-def export_student(cfg: RunConfig, teacher: Teacher, trainer: Trainer, student_unet: nn.Module, adapter: str | None) -> Path:
-    """Write ``output_dir/student`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline."""
+def export_student(
+    cfg: RunConfig, teacher: Teacher, trainer: Trainer, student_unet: nn.Module, adapter: str | None,
+    scheduler: LCMScheduler | None = None,
+) -> Path:
+    """Write ``output_dir/student`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline,
+    with ``scheduler`` (default: :func:`export.student_scheduler` of the teacher's)."""
     if trainer.ema is not None:
         trainer.ema.copy_to_parameters()
     student_unet = trainer.accelerator.unwrap_model(student_unet)
     student_dir = Path(cfg.output_dir) / "student"
     if cfg.use_lora:
-        export.export_lora(teacher.pipeline, student_unet, adapter, student_dir, cfg.num_student_steps)
+        export.export_lora(teacher.pipeline, student_unet, adapter, student_dir, cfg.num_student_steps, scheduler)
     else:
-        export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps)
+        export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps, scheduler)
     print(f"trained {trainer.progress.step} steps in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
     return student_dir
 
 
-def final_report(cfg: RunConfig, teacher: Teacher, prompts: list[str], student_dir: Path, training_seconds: float) -> dict:
+def final_report(
+    cfg: RunConfig, teacher: Teacher, prompts: list[str], student_dir: Path, training_seconds: float,
+    student_steps: tuple[int, ...] = (),
+) -> dict:
     """Score the exported student (as plain diffusers loads it) and the teacher on the same noise.
 
-    On the digits: FD-digits and prompt accuracy at 1 and N student steps and for the teacher, in
-    ``report.json`` and grids; otherwise a grid of the first 16 training prompts.
+    On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
+    and for the teacher, in ``report.json`` and grids; otherwise a grid of the first 16 training prompts.
     """
     if cfg.eval_num_samples == 0:
         return {}
@@ -223,7 +251,7 @@ def final_report(cfg: RunConfig, teacher: Teacher, prompts: list[str], student_d
         return {}
     eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
     scorers = report.Scorers(digits=DigitsEvaluator())
-    steps = tuple(sorted({1, cfg.num_student_steps}))
+    steps = tuple(sorted({1, cfg.num_student_steps, *student_steps}))
     results = report.evaluate(student, "student", steps, (1.0,), eval_prompts, scorers, output_dir, seed=cfg.seed)
     if cfg.teacher_eval_steps:
         results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),

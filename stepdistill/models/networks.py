@@ -48,14 +48,14 @@ class Networks:
 
     teacher: Denoiser
     student: Denoiser
-    fake_score: Denoiser
+    fake_score: Denoiser | None  # None for methods without a critic (consistency distillation)
     discriminator: DiscriminatorHead | None
 
     def generator_parameters(self) -> list[nn.Parameter]:
         return _trainable(self.student.unet, STUDENT)
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        params = _trainable(self.fake_score.unet, FAKE_SCORE)
+        params = _trainable(self.fake_score.unet, FAKE_SCORE) if self.fake_score is not None else []
         if self.discriminator is not None:
             params += list(self.discriminator.parameters())
         return params
@@ -79,27 +79,30 @@ def build_networks(
     use_lora: bool = False,
     lora_rank: int = 16,
     with_discriminator: bool = False,
+    with_fake_score: bool = True,
 ) -> Networks:
-    """Student and fake score initialised from the teacher, full copies or LoRA adapters."""
+    """Student and (unless ``with_fake_score=False``) fake score initialised from the teacher,
+    full copies or LoRA adapters."""
     teacher_unet.requires_grad_(False).eval()
+    adapters = (STUDENT, FAKE_SCORE) if with_fake_score else (STUDENT,)
     if use_lora:
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be ≥ 1 (got {lora_rank})")
         with warnings.catch_warnings():  # peft warns about a second adapter, which is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            for adapter in (STUDENT, FAKE_SCORE):
+            for adapter in adapters:
                 teacher_unet.add_adapter(lora_config(lora_rank), adapter_name=adapter)
         select_adapter(teacher_unet, STUDENT)
         student_unet = fake_unet = teacher_unet
     else:
         student_unet = copy.deepcopy(teacher_unet).requires_grad_(True).train()
-        fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True).train()
+        fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True).train() if with_fake_score else None
     discriminator = None
     if with_discriminator:
         discriminator = DiscriminatorHead(teacher_unet.config.block_out_channels[-1])
     return Networks(
         teacher=Denoiser(teacher_unet, process, adapter=None),
         student=Denoiser(student_unet, process, adapter=STUDENT if use_lora else None),
-        fake_score=Denoiser(fake_unet, process, adapter=FAKE_SCORE if use_lora else None),
+        fake_score=Denoiser(fake_unet, process, adapter=FAKE_SCORE if use_lora else None) if with_fake_score else None,
         discriminator=discriminator,
     )

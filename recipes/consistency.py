@@ -1,0 +1,164 @@
+"""Consistency distillation (LCM / LCM-LoRA, optionally trajectory-segmented): a student that samples in 1–8 steps.
+
+    accelerate launch recipes/consistency.py                                # LoRA student of the shipped digits teacher
+    accelerate launch recipes/consistency.py --use_lora false              # full weights
+    accelerate launch recipes/consistency.py --skipping_interval 25 --num_segments 4   # Hyper-SD's TSCD
+    accelerate launch recipes/consistency.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --train_data_dir images/ --guidance_scale 3 --guidance_scale_max 13 --lora_rank 64 --mixed_precision bf16
+
+Papers: "Latent Consistency Models" (Luo et al. 2023, Alg. 1), "LCM-LoRA" (Luo et al. 2023b) and
+"Hyper-SD" (Ren et al. 2024, TSCD). Each training step (the math lives in ``stepdistill.methods.consistency``):
+
+    1. noise a real latent to a point g_n of the teacher's solver grid (spacing k, the skipping interval);
+    2. the frozen teacher takes one guided DDIM step g_n → g_{n−1}, w ~ U[guidance_scale, guidance_scale_max];
+    3. the target f_θ⁻ (stop-gradient student, or its EMA) maps that point to the end of the
+       trajectory (or of its segment); the student f_θ at g_n must agree (pseudo-Huber).
+
+The student is exported with diffusers' ``LCMScheduler`` at LCM's boundary scaling and scored at 1–8 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers import DDIMScheduler
+
+from stepdistill import config as configs
+from stepdistill import export, methods, run
+from stepdistill.config import ConfigError, field
+from stepdistill.models import networks
+from stepdistill.models.loading import PipelineError
+from stepdistill.models.teacher import load_teacher
+from stepdistill.trainer import Trainer
+
+
+@dataclass
+class ConsistencyConfig(run.RunConfig):
+    """Distil a text-to-image diffusion model into a few-step consistency model (LCM, LCM-LoRA, TSCD)."""
+
+    output_dir: str = field("outputs/consistency", "where checkpoints, the student and report.json go")
+    use_lora: bool = field(True, "train a LoRA adapter on the frozen teacher UNet (LCM-LoRA); false: full weights")
+    num_student_steps: int = field(4, "sampling steps of validation and of the exported metadata (any N ≤ T / k works)")
+    learning_rate: float = field(2e-4, "student AdamW learning rate")
+    max_train_steps: int = field(600, "student updates")
+    validation_steps: int = field(200, "sample, grid and score the student every N steps (0: off)")
+    guidance_scale_max: float | None = field(None, "teacher CFG range's upper end, w ~ U[guidance_scale, this] (default: fixed)")
+    skipping_interval: int = field(20, "k: timesteps one teacher DDIM step spans (LCM: 20, a 50-step grid); must divide T")
+    num_segments: int = field(1, "trajectory segments (Hyper-SD TSCD; 1: LCM); must divide T / skipping_interval")
+    loss_type: str = field("huber", "huber (pseudo-Huber) or l2")
+    huber_c: float = field(1e-3, "pseudo-Huber constant c")
+    target_ema_decay: float = field(0.0, "EMA decay of the target f_θ⁻ (LCM: 0.95, full weights; 0: stop-gradient student)")
+    timestep_scaling: float = field(methods.consistency.LCM_TIMESTEP_SCALING, "s in LCM's c_skip(s·t), c_out(s·t); exported")
+    eval_steps: tuple[int, ...] = field((1, 2, 4, 8), "student step counts scored in the final report")
+
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        return self.guidance_scale, self.guidance_scale if self.guidance_scale_max is None else self.guidance_scale_max
+
+    def validate(self) -> None:
+        super().validate()
+        low, high = self.guidance_range
+        if high < low:
+            raise ConfigError(f"--guidance_scale_max ({high}) must be ≥ --guidance_scale ({low}), the lower end")
+        if self.loss_type not in methods.consistency.LOSS_TYPES:
+            choices = ", ".join(methods.consistency.LOSS_TYPES)
+            raise ConfigError(f"--loss_type must be one of {choices} (got {self.loss_type!r})")
+        for name in ("huber_c", "timestep_scaling"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.target_ema_decay < 1:
+            raise ConfigError(f"--target_ema_decay must be in [0, 1) (got {self.target_ema_decay})")
+        if self.use_lora and self.target_ema_decay > 0:
+            raise ConfigError("--target_ema_decay > 0 needs --use_lora false: a LoRA student's target is the student itself")
+        if self.prompts_file:
+            raise ConfigError("consistency distillation noises real images: give --train_data_dir, not --prompts_file")
+        if not self.eval_steps or min(self.eval_steps) < 1:
+            raise ConfigError(f"--eval_steps must be step counts ≥ 1 (got {self.eval_steps})")
+        self._validate_grid()
+
+    def _validate_grid(self) -> None:
+        """The checks that need the teacher's T, read from its scheduler config (no model is loaded)."""
+        try:
+            scheduler_config = DDIMScheduler.load_config(self.pretrained_model_name_or_path, subfolder="scheduler",
+                                                          revision=self.revision)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--pretrained_model_name_or_path {self.pretrained_model_name_or_path}: cannot read its "
+                              f"scheduler config ({str(error).strip().splitlines()[0]})") from None
+        try:
+            grid = methods.consistency.solver_grid(scheduler_config["num_train_timesteps"], self.skipping_interval)
+            methods.consistency.segment_length(len(grid) - 1, self.num_segments)
+        except ValueError as error:
+            raise ConfigError(f"--{error}") from None
+        most = max(self.num_student_steps, *self.eval_steps)
+        if most > len(grid) - 1:
+            raise ConfigError(f"student step counts (--num_student_steps, --eval_steps) must be ≤ the {len(grid) - 1} "
+                              f"solver steps of the grid (got {most})")
+
+
+def main(cfg: ConsistencyConfig) -> None:
+    cfg.validate()
+    if cfg.dry_run:
+        print("flags are valid; --dry_run set, exiting before loading any model")
+        return
+    accelerator = run.start(cfg, "consistency")
+
+    # 1. the frozen teacher, its noise process, captioned real images as latents
+    teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+    teacher.pipeline.to(accelerator.device)
+    prompts, real_latents = run.training_data(cfg, teacher)
+    next_batch = run.batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
+
+    # 2. the student starts as the teacher (a LoRA adapter on it, or a full copy); no critic
+    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_fake_score=False)
+    if cfg.gradient_checkpointing:
+        nets.student.unet.enable_gradient_checkpointing()
+    student = methods.ConsistencyDenoiser(nets.student, cfg.timestep_scaling)  # f_θ = c_skip x + c_out x̂0
+
+    # 3. the method; the exported scheduler samples f_θ on the same grid and boundary scaling
+    low, high = cfg.guidance_range
+    method = methods.ConsistencyDistillation(
+        teacher=nets.teacher,
+        student=student,
+        process=teacher.process,
+        skipping_interval=cfg.skipping_interval,
+        num_segments=cfg.num_segments,
+        guidance_scale_min=low,
+        guidance_scale_max=high,
+        loss_type=cfg.loss_type,
+        huber_c=cfg.huber_c,
+        target_ema_decay=cfg.target_ema_decay,
+    )
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, timestep_scaling=cfg.timestep_scaling,
+                                         original_inference_steps=len(method.grid) - 1)
+    timesteps = export.student_timesteps(scheduler, cfg.num_student_steps)
+
+    # 4. train; an EMA target is checkpointed with the student (a prepared module without trainable
+    #    weights) and moves after every student update: θ⁻ ← μ θ⁻ + (1 − μ) θ
+    trainer = Trainer(
+        run.trainer_config(cfg),
+        method,
+        generator_modules=[nets.student.unet, *([method.target] if method.ema_target else [])],
+        generator_parameters=nets.generator_parameters(),
+        critic_modules=[],
+        critic_parameters=[],
+        next_batch=next_batch,
+        accelerator=accelerator,
+        validate=run.make_validator(cfg, teacher, student, timesteps, prompts),
+    )
+    if method.ema_target:
+        trainer.generator_optimizer.optimizer.register_step_post_hook(lambda *_: method.update_target())
+    progress = trainer.fit()
+    accelerator.end_training()
+
+    # 5. export for plain diffusers (LCMScheduler at the boundary scaling), then score at 1–8 steps
+    if accelerator.is_main_process:
+        student_dir = run.export_student(cfg, teacher, trainer, nets.student.unet, networks.STUDENT, scheduler)
+        run.final_report(cfg, teacher, prompts, student_dir, progress.seconds, student_steps=cfg.eval_steps)
+
+
+if __name__ == "__main__":
+    config = configs.parse(ConsistencyConfig, prog="recipes/consistency.py")
+    try:
+        main(config)
+    except (PipelineError, ConfigError) as error:
+        raise SystemExit(f"error: {error}") from None
