@@ -4,7 +4,7 @@
     accelerate launch recipes/consistency.py --use_lora false              # full weights
     accelerate launch recipes/consistency.py --skipping_interval 25 --num_segments 4   # Hyper-SD's TSCD
     accelerate launch recipes/consistency.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --train_data_dir images/ --guidance_scale 3 --guidance_scale_max 13 --lora_rank 64 --mixed_precision bf16
+        --train_data_dir images/ --guidance_scale 4 --guidance_scale_max 16 --lora_rank 64 --mixed_precision bf16  # LCM ω = w − 1
 
 Papers: "Latent Consistency Models" (Luo et al. 2023, Alg. 1), "LCM-LoRA" (Luo et al. 2023b) and
 "Hyper-SD" (Ren et al. 2024, TSCD). Each training step (the math lives in ``stepdistill.methods.consistency``):
