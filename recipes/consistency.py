@@ -100,12 +100,13 @@ def main(cfg: ConsistencyConfig) -> None:
     if cfg.dry_run:
         print("flags are valid; --dry_run set, exiting before loading any model")
         return
-    accelerator = run.start(cfg, "consistency")
+    accelerator = run.start(cfg)
 
     # 1. the frozen teacher, its noise process, captioned real images as latents
     teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     teacher.pipeline.to(accelerator.device)
     prompts, real_latents = run.training_data(cfg, teacher)
+    run.open_output(cfg, accelerator, "consistency")
     next_batch = run.batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
 
     # 2. the student starts as the teacher (a LoRA adapter on it, or a full copy); no critic
@@ -133,7 +134,7 @@ def main(cfg: ConsistencyConfig) -> None:
     timesteps = export.student_timesteps(scheduler, cfg.num_student_steps)
 
     # 4. train; an EMA target is checkpointed with the student (a prepared module without trainable
-    #    weights) and moves after every student update: θ⁻ ← μ θ⁻ + (1 − μ) θ
+    #    weights) and moves after every student update (method.after_generator_update): θ⁻ ← μ θ⁻ + (1 − μ) θ
     trainer = Trainer(
         run.trainer_config(cfg),
         method,
@@ -145,8 +146,6 @@ def main(cfg: ConsistencyConfig) -> None:
         accelerator=accelerator,
         validate=run.make_validator(cfg, teacher, student, timesteps, prompts),
     )
-    if method.ema_target:
-        trainer.generator_optimizer.optimizer.register_step_post_hook(lambda *_: method.update_target())
     progress = trainer.fit()
     accelerator.end_training()
 

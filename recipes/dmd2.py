@@ -60,9 +60,10 @@ class DMD2Config(run.RunConfig):
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
 
 
-def regression_pairs(teacher: Teacher, text: torch.Tensor, cfg: DMD2Config):
+def regression_pairs(teacher: Teacher, prompts: list[str], cfg: DMD2Config):
     """(noise, text, teacher 50-step DDIM latent) triples for DMD's regression loss (DMD eq. 9)."""
     count = cfg.num_regression_pairs
+    text = teacher.encode_prompts(prompts)
     pick = torch.randint(len(text), (count,))
     noise = torch.randn((count, *teacher.latent_shape))
     uncond = teacher.encode_prompts([""]).expand(count, -1, -1)
@@ -79,14 +80,14 @@ def main(cfg: DMD2Config) -> None:
     if cfg.dry_run:
         print("flags are valid; --dry_run set, exiting before loading any model")
         return
-    accelerator = run.start(cfg, "dmd2")
+    accelerator = run.start(cfg)
 
     # 1. the frozen teacher, its noise process, the prompts (and real images) with cached text embeddings
     teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     teacher.pipeline.to(accelerator.device)
     prompts, real_latents = run.training_data(cfg, teacher)
-    text = teacher.encode_prompts(prompts)
-    uncond = teacher.encode_prompts([""]).expand(cfg.train_batch_size, -1, -1)
+    run.open_output(cfg, accelerator, "dmd2")
+    next_batch = run.batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
     wants_gan = cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0
@@ -111,16 +112,8 @@ def main(cfg: DMD2Config) -> None:
         gan_critic_weight=cfg.gan_critic_weight if with_gan else 0.0,
         gan_max_timestep=cfg.gan_max_timestep,
         regression_weight=cfg.regression_weight,
-        regression_pairs=regression_pairs(teacher, text, cfg) if cfg.regression_weight else None,
+        regression_pairs=regression_pairs(teacher, prompts, cfg) if cfg.regression_weight else None,
     )
-
-    def next_batch() -> methods.Batch:
-        pick = torch.randint(len(text), (cfg.train_batch_size,))
-        return methods.Batch(
-            text=text[pick].to(accelerator.device),
-            uncond=uncond.to(accelerator.device),
-            real_latents=real_latents[pick].to(accelerator.device) if real_latents is not None else None,
-        )
 
     # 4. train: TTUR critic updates, then a generator update, every step; validate now and then
     trainer = Trainer(

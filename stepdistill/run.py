@@ -2,8 +2,9 @@
 
 A recipe subclasses :class:`RunConfig` with its method's flags and calls these in order:
 
-    accelerator = start(cfg, "dmd2")              # validated flags, seeds, threads, trackers, config.json
+    accelerator = start(cfg)                      # seeds, threads, the device
     teacher = load_teacher(...); prompts, real_latents = training_data(cfg, teacher)
+    open_output(cfg, accelerator, "dmd2")         # config.json, trackers (nothing is written before)
     next_batch = batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
     ... build the networks and the method ...
     trainer = Trainer(trainer_config(cfg), ..., validate=make_validator(cfg, teacher, student, timesteps, prompts))
@@ -33,9 +34,8 @@ from stepdistill.evaluation import report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.grid import save_grid
 from stepdistill.evaluation.sampling import generate
-from stepdistill.evaluation.validation import StudentValidator
+from stepdistill.evaluation.validation import StudentModel, StudentValidator
 from stepdistill.methods.base import Batch
-from stepdistill.models.denoiser import Denoiser
 from stepdistill.models.loading import load_pipeline
 from stepdistill.models.teacher import Teacher
 from stepdistill.trainer import (
@@ -134,17 +134,22 @@ class RunConfig:
         return not (self.prompts_file or self.train_data_dir)
 
 
-def start(cfg: RunConfig, name: str) -> Accelerator:
-    """Accelerator, threads, seed, trackers; the output folder with ``config.json`` (main process)."""
+def start(cfg: RunConfig) -> Accelerator:
+    """Accelerator, threads and seed; nothing is written yet."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
     require_data_parallel(accelerator)
     set_cpu_threads(accelerator, cfg.num_threads)
     set_seed(cfg.seed)
+    return accelerator
+
+
+def open_output(cfg: RunConfig, accelerator: Accelerator, name: str) -> None:
+    """Create the output folder with ``config.json`` and start the trackers: call once the teacher
+    and data have loaded, so that a run refused for bad input leaves nothing behind."""
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         configs.save(cfg, Path(cfg.output_dir) / "config.json")
     accelerator.init_trackers(f"stepdistill-{name}", config={k: str(v) if v is None else v for k, v in vars(cfg).items()})
-    return accelerator
 
 
 def training_data(cfg: RunConfig, teacher: Teacher) -> tuple[list[str], torch.Tensor | None]:
@@ -199,7 +204,7 @@ def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) ->
 
 
 def make_validator(
-    cfg: RunConfig, teacher: Teacher, student: Denoiser, timesteps: tuple[int, ...], prompts: list[str]
+    cfg: RunConfig, teacher: Teacher, student: StudentModel, timesteps: tuple[int, ...], prompts: list[str]
 ) -> StudentValidator | None:
     """Validation every ``validation_steps``: FD-digits on the digits, a 16-prompt grid otherwise."""
     if not cfg.validation_steps:

@@ -5,7 +5,8 @@ critic updates (the two time-scale update rule of DMD2; 1 for methods without a 
 
     for step in 1..max_train_steps:
         repeat k times:  critic_loss(batch)    → critic optimiser (fake score + discriminator)
-        generator_loss(batch)                  → generator optimiser (student), EMA update
+        generator_loss(batch)                  → generator optimiser (student), EMA update,
+                                                 method.after_generator_update() if it has one
         every validation_steps: validate(step) on the weights that would be exported (EMA if kept)
         every checkpointing_steps: atomic checkpoint
 
@@ -429,6 +430,8 @@ class Trainer:
                 record.update({f"generator/{k}": v.item() for k, v in generator_losses.items()})
                 if self.ema is not None:
                     self.ema.update()
+                if hasattr(self.method, "after_generator_update"):
+                    self.method.after_generator_update()
             self.progress.step += 1
             self.progress.seconds += time.perf_counter() - started
             record.update(step=self.progress.step, seconds=self.progress.seconds)

@@ -71,6 +71,14 @@ def test_learning_rate_schedules_follow_each_optimisers_updates(tmp_path):
     assert half.critic_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
+def test_the_methods_hook_follows_applied_generator_updates(tmp_path):
+    trainer, method = make_trainer(tmp_path, critic_steps=1, steps=4, poison_step=2)
+    calls = []
+    method.after_generator_update = lambda: calls.append(method.generator_calls)
+    trainer.fit()
+    assert calls == [1, 3, 4]  # not after the skipped (non-finite) second update
+
+
 def test_gradient_accumulation_draws_micro_batches(tmp_path):
     trainer, method = make_trainer(tmp_path, critic_steps=2, steps=3, accumulation=4)
     trainer.fit()

@@ -8,15 +8,25 @@ teacher's VAE, so a validation number means the same as the final report's at th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from stepdistill.diffusion import few_step_sample
+from stepdistill.diffusion import NoiseProcess, few_step_sample
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.grid import save_grid
 from stepdistill.evaluation.sampling import initial_noise
-from stepdistill.models.denoiser import Denoiser
+from stepdistill.models.denoiser import Prediction
 from stepdistill.models.teacher import Teacher
+
+
+class StudentModel(Protocol):
+    """What validation samples: ``student(x_t, t, text).x0`` on the noise process ``student.process``
+    (a :class:`Denoiser`, or a method's wrapper of one, e.g. a consistency function)."""
+
+    process: NoiseProcess
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Prediction: ...
 
 
 class StudentValidator:
@@ -29,7 +39,7 @@ class StudentValidator:
     def __init__(
         self,
         teacher: Teacher,
-        student: Denoiser,
+        student: StudentModel,
         timesteps: tuple[int, ...],
         prompts: list[str],
         output_dir: str | Path,

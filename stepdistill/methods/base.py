@@ -35,3 +35,6 @@ class Method(Protocol):
 
     def critic_loss(self, batch: Batch) -> Losses:
         """Loss whose gradient updates the fake score and discriminator (the critic optimiser)."""
+
+    # optional: ``after_generator_update()``, called once after every applied student update
+    # (e.g. to move a consistency model's EMA target); skipped updates do not call it.

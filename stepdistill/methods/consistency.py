@@ -157,6 +157,11 @@ class ConsistencyDistillation:
         """Whether f_θ⁻ is a frozen EMA copy (to checkpoint and to update after each student step)."""
         return self.target_ema_decay > 0
 
+    def after_generator_update(self) -> None:
+        """The trainer's hook after each applied student update: move an EMA target."""
+        if self.ema_target:
+            self.update_target()
+
     @torch.no_grad()
     def update_target(self) -> None:
         """θ⁻ ← μ θ⁻ + (1 − μ) θ (LCM Alg. 1, last line); call after every student update."""
