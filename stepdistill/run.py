@@ -36,6 +36,7 @@ from stepdistill.evaluation.grid import save_grid
 from stepdistill.evaluation.sampling import generate
 from stepdistill.evaluation.validation import StudentModel, StudentValidator
 from stepdistill.methods.base import Batch
+from stepdistill.models.denoiser import select_adapter
 from stepdistill.models.loading import load_pipeline
 from stepdistill.models.teacher import Teacher
 from stepdistill.trainer import (
@@ -259,6 +260,7 @@ def final_report(
     steps = tuple(sorted({1, cfg.num_student_steps, *student_steps}))
     results = report.evaluate(student, "student", steps, (1.0,), eval_prompts, scorers, output_dir, seed=cfg.seed)
     if cfg.teacher_eval_steps:
+        select_adapter(teacher.unet, None)  # with --use_lora the student's adapters live on the teacher's UNet
         results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),
                                    eval_prompts, scorers, output_dir, seed=cfg.seed)
     floor = scorers.digits.real_floor(cfg.eval_num_samples)

@@ -11,6 +11,9 @@ import pytest
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from stepdistill import config as configs
+from stepdistill.data import digits
+from stepdistill.evaluation.digits_metrics import DigitsEvaluator
+from stepdistill.evaluation.report import Scorers, evaluate
 from stepdistill.models.loading import PipelineError, load_pipeline
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dmd2.py"
@@ -45,6 +48,12 @@ def test_two_steps_then_export_and_report(dmd2, tiny_pipeline_dir, tmp_path, use
     report = json.loads((tmp_path / "report.json").read_text())
     models = {(r["model"], r["num_inference_steps"]) for r in report["results"]}
     assert models == {("student", 1), ("teacher", 2)}
+    teacher_row = next(r for r in report["results"] if r["model"] == "teacher")
+    fresh_teacher = load_pipeline(tiny_pipeline_dir)  # the teacher row scores the teacher, not a student adapter
+    fresh_teacher.set_progress_bar_config(disable=True)
+    expected = evaluate(fresh_teacher, "teacher", (2,), (cfg.guidance_scale,), digits.evaluation_prompts(10),
+                        Scorers(digits=DigitsEvaluator()), seed=cfg.seed)[0]
+    assert teacher_row["fd_digits"] == pytest.approx(expected.fd_digits, rel=1e-5)
     student = tmp_path / "student"
     if use_lora:
         assert (student / "pytorch_lora_weights.safetensors").is_file()
