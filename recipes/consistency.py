@@ -28,7 +28,6 @@ from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import networks
 from stepdistill.models.loading import PipelineError
-from stepdistill.models.teacher import load_teacher
 from stepdistill.trainer import Trainer
 
 
@@ -40,8 +39,8 @@ class ConsistencyConfig(run.RunConfig):
     use_lora: bool = field(True, "train a LoRA adapter on the frozen teacher UNet (LCM-LoRA); false: full weights")
     num_student_steps: int = field(4, "sampling steps of validation and of the exported metadata (any N ≤ T / k works)")
     learning_rate: float = field(2e-4, "student AdamW learning rate")
-    max_train_steps: int = field(600, "student updates")
-    validation_steps: int = field(200, "sample, grid and score the student every N steps (0: off)")
+    max_train_steps: int = field(900, "student updates")
+    validation_steps: int = field(300, "sample, grid and score the student every N steps (0: off)")
     guidance_scale_max: float | None = field(None, "teacher CFG range's upper end, w ~ U[guidance_scale, this] (default: fixed)")
     skipping_interval: int = field(20, "k: timesteps one teacher DDIM step spans (LCM: 20, a 50-step grid); must divide T")
     num_segments: int = field(1, "trajectory segments (Hyper-SD TSCD; 1: LCM); must divide T / skipping_interval")
@@ -96,18 +95,11 @@ class ConsistencyConfig(run.RunConfig):
 
 
 def main(cfg: ConsistencyConfig) -> None:
-    cfg.validate()
-    if cfg.dry_run:
-        print("flags are valid; --dry_run set, exiting before loading any model")
+    # 1. checked flags, the frozen teacher and its noise process, captioned real images as latents
+    setup = run.set_up(cfg, "consistency")
+    if setup is None:  # --dry_run
         return
-    accelerator = run.start(cfg)
-
-    # 1. the frozen teacher, its noise process, captioned real images as latents
-    teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-    teacher.pipeline.to(accelerator.device)
-    prompts, real_latents = run.training_data(cfg, teacher)
-    run.open_output(cfg, accelerator, "consistency")
-    next_batch = run.batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
+    accelerator, teacher, prompts = setup.accelerator, setup.teacher, setup.prompts
 
     # 2. the student starts as the teacher (a LoRA adapter on it, or a full copy); no critic
     nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_fake_score=False)
@@ -142,7 +134,7 @@ def main(cfg: ConsistencyConfig) -> None:
         generator_parameters=nets.generator_parameters(),
         critic_modules=[],
         critic_parameters=[],
-        next_batch=next_batch,
+        next_batch=setup.next_batch,
         accelerator=accelerator,
         validate=run.make_validator(cfg, teacher, student, timesteps, prompts),
     )

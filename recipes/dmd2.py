@@ -29,7 +29,7 @@ from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import networks
 from stepdistill.models.loading import PipelineError
-from stepdistill.models.teacher import Teacher, load_teacher
+from stepdistill.models.teacher import Teacher
 from stepdistill.trainer import Trainer
 
 logger = get_logger(__name__)
@@ -76,18 +76,12 @@ def regression_pairs(teacher: Teacher, prompts: list[str], cfg: DMD2Config):
 
 
 def main(cfg: DMD2Config) -> None:
-    cfg.validate()
-    if cfg.dry_run:
-        print("flags are valid; --dry_run set, exiting before loading any model")
+    # 1. checked flags, the frozen teacher and its noise process, the prompts (and real images'
+    #    latents for the GAN) with cached text embeddings
+    setup = run.set_up(cfg, "dmd2")
+    if setup is None:  # --dry_run
         return
-    accelerator = run.start(cfg)
-
-    # 1. the frozen teacher, its noise process, the prompts (and real images) with cached text embeddings
-    teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-    teacher.pipeline.to(accelerator.device)
-    prompts, real_latents = run.training_data(cfg, teacher)
-    run.open_output(cfg, accelerator, "dmd2")
-    next_batch = run.batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
+    accelerator, teacher, prompts, real_latents = setup.accelerator, setup.teacher, setup.prompts, setup.real_latents
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
     wants_gan = cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0
@@ -123,7 +117,7 @@ def main(cfg: DMD2Config) -> None:
         generator_parameters=nets.generator_parameters(),
         critic_modules=[m for m in (nets.fake_score.unet, nets.discriminator) if m is not None],
         critic_parameters=nets.critic_parameters(),
-        next_batch=next_batch,
+        next_batch=setup.next_batch,
         accelerator=accelerator,
         validate=run.make_validator(cfg, teacher, nets.student, method.student_timesteps, prompts),
     )

@@ -2,11 +2,8 @@
 
 A recipe subclasses :class:`RunConfig` with its method's flags and calls these in order:
 
-    accelerator = start(cfg)                      # seeds, threads, the device
-    teacher = load_teacher(...); prompts, real_latents = training_data(cfg, teacher)
-    open_output(cfg, accelerator, "dmd2")         # config.json, trackers (nothing is written before)
-    next_batch = batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
-    ... build the networks and the method ...
+    setup = set_up(cfg, "dmd2")     # checked flags, seeds, threads, teacher, data, config.json, batches
+    ... build the networks and the method from setup.teacher ...
     trainer = Trainer(trainer_config(cfg), ..., validate=make_validator(cfg, teacher, student, timesteps, prompts))
     student_dir = export_student(cfg, teacher, trainer, student_unet, adapter)
     final_report(cfg, teacher, prompts, student_dir, seconds)
@@ -38,7 +35,7 @@ from stepdistill.evaluation.validation import StudentModel, StudentValidator
 from stepdistill.methods.base import Batch
 from stepdistill.models.denoiser import select_adapter
 from stepdistill.models.loading import load_pipeline
-from stepdistill.models.teacher import Teacher
+from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.trainer import (
     Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_data_parallel, set_cpu_threads,
 )
@@ -151,6 +148,33 @@ def open_output(cfg: RunConfig, accelerator: Accelerator, name: str) -> None:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         configs.save(cfg, Path(cfg.output_dir) / "config.json")
     accelerator.init_trackers(f"stepdistill-{name}", config={k: str(v) if v is None else v for k, v in vars(cfg).items()})
+
+
+@dataclass
+class Setup:
+    """What a recipe starts from: the device, the frozen teacher, the prompts (and real latents), batches."""
+
+    accelerator: Accelerator
+    teacher: Teacher
+    prompts: list[str]
+    real_latents: torch.Tensor | None
+    next_batch: Callable[[], Batch]
+
+
+def set_up(cfg: RunConfig, name: str) -> Setup | None:
+    """Check the flags (``None`` on ``--dry_run``), then :func:`start`, load the teacher and the data,
+    :func:`open_output` and make the batch sampler. Any bad input fails before a file is written."""
+    cfg.validate()
+    if cfg.dry_run:
+        print("flags are valid; --dry_run set, exiting before loading any model")
+        return None
+    accelerator = start(cfg)
+    teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+    teacher.pipeline.to(accelerator.device)
+    prompts, real_latents = training_data(cfg, teacher)
+    open_output(cfg, accelerator, name)
+    next_batch = batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
+    return Setup(accelerator, teacher, prompts, real_latents, next_batch)
 
 
 def training_data(cfg: RunConfig, teacher: Teacher) -> tuple[list[str], torch.Tensor | None]:

@@ -10,44 +10,18 @@ import pytest
 import torch
 
 from stepdistill import export
-from stepdistill.diffusion import few_step_sample
 from stepdistill.methods.consistency import ConsistencyDenoiser
 from stepdistill.models import networks
 from stepdistill.models.loading import load_pipeline
-from stepdistill.models.teacher import load_teacher
 
-PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
+from export_checks import diffusers_samples, perturbed_networks, trainer_samples
 
 
 def perturbed_student(folder, use_lora: bool):
     """Teacher, networks and the consistency student, whose weights differ from the teacher's."""
-    teacher = load_teacher(str(folder))
-    nets = networks.build_networks(teacher.unet, teacher.process, use_lora=use_lora, lora_rank=4, with_fake_score=False)
+    teacher, nets = perturbed_networks(folder, use_lora, with_fake_score=False)
     assert nets.fake_score is None and nets.critic_parameters() == []
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in nets.generator_parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
     return teacher, nets, ConsistencyDenoiser(nets.student, timestep_scaling=10.0)
-
-
-def own_samples(teacher, student, scheduler, num_steps: int) -> torch.Tensor:
-    text = teacher.encode_prompts(PROMPTS)
-    timesteps = export.student_timesteps(scheduler, num_steps)
-    noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return few_step_sample(
-            lambda x, t: student(x, t, text).x0, noise, timesteps, teacher.process,
-            generator=torch.Generator().manual_seed(2),
-        )
-
-
-def diffusers_samples(pipe, teacher, num_steps: int) -> torch.Tensor:
-    noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
-    return pipe(
-        prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=1.0, latents=noise,
-        generator=torch.Generator().manual_seed(2), output_type="latent",
-    ).images
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
@@ -56,7 +30,7 @@ def test_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, use_lora, 
     teacher, nets, student = perturbed_student(tiny_pipeline_dir, use_lora)
     scheduler = export.student_scheduler(teacher.pipeline.scheduler, timestep_scaling=10.0,
                                          original_inference_steps=solver_steps)
-    expected = own_samples(teacher, student, scheduler, num_steps)
+    expected = trainer_samples(teacher, student, scheduler, num_steps)
     if use_lora:
         export.export_lora(teacher.pipeline, nets.student.unet, networks.STUDENT, tmp_path, num_steps, scheduler)
         pipe = export.load_lora_student(tiny_pipeline_dir, tmp_path)

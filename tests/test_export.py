@@ -8,42 +8,10 @@ import pytest
 import torch
 
 from stepdistill import export
-from stepdistill.diffusion import few_step_sample
 from stepdistill.models import networks
 from stepdistill.models.loading import load_pipeline
-from stepdistill.models.teacher import load_teacher
 
-PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
-
-
-def perturbed_networks(folder, use_lora: bool) -> tuple:
-    """Teacher and networks whose student differs from the teacher (as after training)."""
-    teacher = load_teacher(str(folder))
-    nets = networks.build_networks(teacher.unet, teacher.process, use_lora=use_lora, lora_rank=4)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in nets.generator_parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return teacher, nets
-
-
-def own_samples(teacher, nets, num_steps: int) -> torch.Tensor:
-    text = teacher.encode_prompts(PROMPTS)
-    timesteps = export.student_timesteps(export.student_scheduler(teacher.pipeline.scheduler), num_steps)
-    noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return few_step_sample(
-            lambda x, t: nets.student(x, t, text).x0, noise, timesteps, teacher.process,
-            generator=torch.Generator().manual_seed(2),
-        )
-
-
-def diffusers_samples(pipe, teacher, num_steps: int) -> torch.Tensor:
-    noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
-    return pipe(
-        prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=1.0, latents=noise,
-        generator=torch.Generator().manual_seed(2), output_type="latent",
-    ).images
+from export_checks import PROMPTS, diffusers_samples, perturbed_networks, trainer_samples
 
 
 @pytest.mark.parametrize("num_steps", [1, 2])
@@ -53,7 +21,7 @@ def test_full_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, num_s
     pipe = load_pipeline(tmp_path)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     assert json.loads((tmp_path / "stepdistill_student.json").read_text())["num_inference_steps"] == num_steps
-    expected = own_samples(teacher, nets, num_steps)
+    expected = trainer_samples(teacher, nets.student, export.student_scheduler(teacher.pipeline.scheduler), num_steps)
     torch.testing.assert_close(diffusers_samples(pipe, teacher, num_steps), expected, rtol=1e-5, atol=1e-5)
     # and it really is the student, not the teacher
     assert not torch.allclose(diffusers_samples(teacher.pipeline, teacher, num_steps), expected, atol=1e-3)
@@ -62,7 +30,7 @@ def test_full_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, num_s
 @pytest.mark.parametrize("num_steps", [1, 2])
 def test_lora_export_loads_with_load_lora_weights(tiny_pipeline_dir, tmp_path, num_steps):
     teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=True)
-    expected = own_samples(teacher, nets, num_steps)
+    expected = trainer_samples(teacher, nets.student, export.student_scheduler(teacher.pipeline.scheduler), num_steps)
     export.export_lora(teacher.pipeline, nets.student.unet, networks.STUDENT, tmp_path, num_steps)
     assert (tmp_path / export.LORA_WEIGHTS).is_file()
     pipe = export.load_lora_student(tiny_pipeline_dir, tmp_path)

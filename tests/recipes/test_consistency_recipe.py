@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +10,6 @@ from safetensors.torch import load_file
 
 from stepdistill import config as configs
 from stepdistill.models.loading import load_pipeline
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "consistency.py"
-
-
-@pytest.fixture(scope="module")
-def consistency():
-    spec = importlib.util.spec_from_file_location("consistency_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def smoke_config(consistency, teacher_dir, output_dir, **overrides):

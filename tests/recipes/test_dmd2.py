@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -15,17 +12,6 @@ from stepdistill.data import digits
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.report import Scorers, evaluate
 from stepdistill.models.loading import PipelineError, load_pipeline
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dmd2.py"
-
-
-@pytest.fixture(scope="module")
-def dmd2():
-    spec = importlib.util.spec_from_file_location("dmd2_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def smoke_config(dmd2, teacher_dir, output_dir, **overrides):

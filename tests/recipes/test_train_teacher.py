@@ -1,9 +1,6 @@
 """In-process 2-step smoke test of ``recipes/train_teacher.py`` (the shipped teacher's default sizes)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,20 +8,6 @@ from diffusers import StableDiffusionPipeline
 
 from stepdistill.evaluation.classifier import DigitClassifier
 from stepdistill.models.loading import load_pipeline
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "train_teacher.py"
-
-
-@pytest.fixture(scope="module")
-def train_teacher():
-    spec = importlib.util.spec_from_file_location("train_teacher", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the config's annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_config_validation(train_teacher, capsys):

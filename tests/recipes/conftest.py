@@ -1,0 +1,37 @@
+"""The recipes, imported as modules (they are scripts in ``recipes/``, not a package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the config's annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def dmd2():
+    yield from _recipe("dmd2")
+
+
+@pytest.fixture(scope="module")
+def consistency():
+    yield from _recipe("consistency")
+
+
+@pytest.fixture(scope="module")
+def train_teacher():
+    yield from _recipe("train_teacher")
