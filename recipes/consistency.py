@@ -23,11 +23,9 @@ from dataclasses import dataclass
 
 from diffusers import DDIMScheduler
 
-from stepdistill import config as configs
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import networks
-from stepdistill.models.loading import PipelineError
 from stepdistill.trainer import Trainer
 
 
@@ -148,8 +146,4 @@ def main(cfg: ConsistencyConfig) -> None:
 
 
 if __name__ == "__main__":
-    config = configs.parse(ConsistencyConfig, prog="recipes/consistency.py")
-    try:
-        main(config)
-    except (PipelineError, ConfigError) as error:
-        raise SystemExit(f"error: {error}") from None
+    run.command_line(ConsistencyConfig, main, prog="recipes/consistency.py")

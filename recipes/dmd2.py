@@ -24,11 +24,9 @@ from dataclasses import dataclass
 import torch
 from accelerate.logging import get_logger
 
-from stepdistill import config as configs
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import networks
-from stepdistill.models.loading import PipelineError
 from stepdistill.models.teacher import Teacher
 from stepdistill.trainer import Trainer
 
@@ -131,8 +129,4 @@ def main(cfg: DMD2Config) -> None:
 
 
 if __name__ == "__main__":
-    config = configs.parse(DMD2Config, prog="recipes/dmd2.py")
-    try:
-        main(config)
-    except (PipelineError, ConfigError) as error:
-        raise SystemExit(f"error: {error}") from None
+    run.command_line(DMD2Config, main, prog="recipes/dmd2.py")

@@ -34,7 +34,7 @@ from stepdistill.evaluation.sampling import generate
 from stepdistill.evaluation.validation import StudentModel, StudentValidator
 from stepdistill.methods.base import Batch
 from stepdistill.models.denoiser import select_adapter
-from stepdistill.models.loading import load_pipeline
+from stepdistill.models.loading import PipelineError, load_pipeline
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.trainer import (
     Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_data_parallel, set_cpu_threads,
@@ -130,6 +130,16 @@ class RunConfig:
     def uses_digits(self) -> bool:
         """Whether the run trains on the embedded digits data (and so can be scored offline)."""
         return not (self.prompts_file or self.train_data_dir)
+
+
+def command_line(config_cls: type, main: Callable, prog: str) -> None:
+    """A recipe's ``__main__``: parse the flags into ``config_cls``, run ``main``; bad input ends
+    with one ``error:`` line (exit status 1) instead of a traceback."""
+    cfg = configs.parse(config_cls, prog=prog)
+    try:
+        main(cfg)
+    except (PipelineError, ConfigError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def start(cfg: RunConfig) -> Accelerator:
