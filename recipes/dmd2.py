@@ -38,8 +38,10 @@ class DMD2Config(run.RunConfig):
     """Distil a text-to-image diffusion model with DMD2 (distribution matching + GAN + TTUR)."""
 
     output_dir: str = field("outputs/dmd2", "where checkpoints, the student and report.json go")
+    max_train_steps: int = field(200, "student (generator) updates")
+    learning_rate: float = field(3e-5, "student AdamW learning rate (its 1-step output moves ~15x its ε at t = 999)")
     critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR)")
-    critic_learning_rate: float | None = field(None, "fake score / discriminator learning rate (default: learning_rate)")
+    critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate")
     gan_generator_weight: float = field(3e-3, "weight of the GAN term in the student loss (0: off; needs real images)")
     gan_critic_weight: float = field(1e-2, "weight of the GAN term in the critic loss (0: off; needs real images)")
     gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
@@ -51,7 +53,7 @@ class DMD2Config(run.RunConfig):
         for name in ("critic_steps_per_generator_step", "num_regression_pairs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
-        if self.critic_learning_rate is not None and not self.critic_learning_rate > 0:
+        if not self.critic_learning_rate > 0:
             raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
         for name in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "gan_max_timestep"):
             if getattr(self, name) < 0:
