@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,9 +19,9 @@ from stepdistill.trainer import require_data_parallel
 TOY = Path(__file__).parent / "distributed" / "data_parallel_toy.py"
 
 
-def run(command: list[str], output_dir: Path) -> dict:
+def run(command: list[str], output_dir: Path, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command + [str(output_dir)], env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command + [str(output_dir), *args], env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(output_dir / "weights.pt", weights_only=True)
 
@@ -34,6 +35,18 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
             torch.testing.assert_close(double[role][name], value, atol=1e-6, rtol=1e-5)
     log = (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
     assert [line.count('"step"') for line in log] == [1, 1, 1]  # one line per step: only the main process writes
+
+
+def test_two_processes_resume_exactly(tmp_path):
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", str(TOY)]
+    straight = run(two, tmp_path / "straight", "4")
+    run(two, tmp_path / "resumed", "2")  # stops after step 2 (checkpoint-2) ...
+    resumed = run(two, tmp_path / "resumed", "4", "resume")  # ... and a second launch finishes the run
+    for role in ("generator", "critic"):
+        for name, value in straight[role].items():
+            torch.testing.assert_close(resumed[role][name], value, atol=0, rtol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_sharded_modes_are_refused():

@@ -1,9 +1,10 @@
 """Train a toy through the Trainer, one process or several; each process takes its slice of a global batch.
 
-    python tests/distributed/data_parallel_toy.py OUT                           # one process
+    python tests/distributed/data_parallel_toy.py OUT [STEPS [resume]]           # one process
     torchrun --nproc_per_node 2 tests/distributed/data_parallel_toy.py OUT      # two, same global batch
 
-Writes the final generator and critic weights to OUT/weights.pt (main process only).
+A checkpoint is written every step; with ``resume`` the run continues from the latest one. Writes
+the final generator and critic weights to OUT/weights.pt (main process only).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from stepdistill.methods.base import Batch
 from stepdistill.trainer import Trainer, TrainerConfig
 
-GLOBAL_BATCH, STEPS = 8, 3
+GLOBAL_BATCH = 8
 
 
 class RegressionToy:
@@ -36,7 +37,7 @@ class RegressionToy:
         return {"loss": (self.critic(batch.text) + batch.uncond).square().mean()}
 
 
-def main(output_dir: Path) -> None:
+def main(output_dir: Path, steps: int, resume: bool) -> None:
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)  # the same weights and data on every process
     generator, critic = nn.Linear(4, 2), nn.Linear(4, 2)
@@ -44,8 +45,8 @@ def main(output_dir: Path) -> None:
     share = GLOBAL_BATCH // accelerator.num_processes
     mine = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
     batch = Batch(text=inputs[mine], uncond=targets[mine])
-    cfg = TrainerConfig(output_dir=str(output_dir), max_train_steps=STEPS, learning_rate=0.05,
-                        critic_learning_rate=0.05, adam_weight_decay=0.0)
+    cfg = TrainerConfig(output_dir=str(output_dir), max_train_steps=steps, learning_rate=0.05, critic_learning_rate=0.05,
+                        adam_weight_decay=0.0, checkpointing_steps=1, resume_from_checkpoint="latest" if resume else None)
     trainer = Trainer(cfg, RegressionToy(generator, critic, inputs, targets), [generator], list(generator.parameters()),
                       [critic], list(critic.parameters()), next_batch=lambda: batch, accelerator=accelerator)
     trainer.fit()
@@ -55,4 +56,4 @@ def main(output_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), steps=int(sys.argv[2]) if len(sys.argv) > 2 else 3, resume=sys.argv[3:] == ["resume"])
