@@ -137,13 +137,23 @@ class Progress:
 
 def make_accelerator(mixed_precision: str, report_to: str, output_dir: str | Path) -> Accelerator:
     """The run's ``Accelerator``; ``report_to`` names an accelerate tracker, ``none``, or ``auto``
-    (tensorboard when it is installed). ``train_log.jsonl`` is written either way."""
+    (tensorboard when it is installed). ``train_log.jsonl`` is written either way. Launched as
+    several processes on a machine without CUDA, they join one gloo group (accelerate alone would
+    run each as an independent single-process job)."""
     if report_to == "auto":
         report_to = "tensorboard" if is_tensorboard_available() else "none"
-    return Accelerator(
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
         mixed_precision=mixed_precision, log_with=None if report_to == "none" else report_to,
         project_dir=str(output_dir),
+        cpu=world_size > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo, not N lone runs
     )
+    if accelerator.num_processes != world_size:
+        raise ConfigError(
+            f"launched as {world_size} processes but accelerate set up {accelerator.num_processes}; "
+            "launch with `accelerate launch --num_processes N` (add --cpu on a machine without GPUs)"
+        )
+    return accelerator
 
 
 def require_data_parallel(accelerator: Accelerator) -> None:
