@@ -11,6 +11,7 @@ A recipe subclasses :class:`RunConfig` with its method's flags and calls these i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from stepdistill.models.denoiser import select_adapter
 from stepdistill.models.loading import PipelineError, load_pipeline
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.trainer import (
-    Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_data_parallel, set_cpu_threads,
+    DivergedError, Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_data_parallel, set_cpu_threads,
 )
 
 
@@ -66,6 +67,7 @@ class RunConfig:
     lr_warmup_steps: int = field(0, "warm-up updates of the schedule")
     adam_weight_decay: float = field(0.01, "AdamW weight decay")
     max_grad_norm: float = field(10.0, "gradient-norm clip (0: off)")
+    max_consecutive_skips: int = field(10, "stop the run after this many non-finite (skipped) updates in a row")
     gradient_accumulation_steps: int = field(1, "micro-batches per update")
     mixed_precision: str = field("no", "no | fp16 | bf16")
     gradient_checkpointing: bool = field(False, "trade compute for memory in the trained UNets")
@@ -86,7 +88,8 @@ class RunConfig:
     def validate(self) -> None:
         """Every check that needs no model, run before anything is loaded; recipes extend it."""
         for name in ("lora_rank", "num_student_steps", "max_train_steps", "train_batch_size",
-                     "gradient_accumulation_steps", "checkpoints_total_limit", "num_validation_images"):
+                     "gradient_accumulation_steps", "checkpoints_total_limit", "num_validation_images",
+                     "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
         if not self.learning_rate > 0:
@@ -134,16 +137,18 @@ class RunConfig:
 
 def command_line(config_cls: type, main: Callable, prog: str) -> None:
     """A recipe's ``__main__``: parse the flags into ``config_cls``, run ``main``; bad input ends
-    with one ``error:`` line (exit status 1) instead of a traceback."""
+    with one ``error:`` line (exit status 1) instead of a traceback, and so does a diverged run."""
     cfg = configs.parse(config_cls, prog=prog)
     try:
         main(cfg)
-    except (PipelineError, ConfigError) as error:
+    except (PipelineError, ConfigError, DivergedError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
 def start(cfg: RunConfig) -> Accelerator:
-    """Accelerator, threads and seed; nothing is written yet."""
+    """Logging (stepdistill's info lines on stderr), accelerator, threads and seed; nothing is written yet."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("stepdistill").setLevel(logging.INFO)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
     require_data_parallel(accelerator)
     set_cpu_threads(accelerator, cfg.num_threads)
@@ -234,7 +239,7 @@ def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) ->
         mixed_precision=cfg.mixed_precision, lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.lr_warmup_steps,
         ema_decay=cfg.ema_decay, checkpointing_steps=cfg.checkpointing_steps,
         checkpoints_total_limit=cfg.checkpoints_total_limit, resume_from_checkpoint=cfg.resume_from_checkpoint,
-        validation_steps=cfg.validation_steps, seed=cfg.seed,
+        validation_steps=cfg.validation_steps, max_consecutive_skips=cfg.max_consecutive_skips, seed=cfg.seed,
     )
 
 

@@ -326,11 +326,12 @@ class Trainer:
         """Count a skipped update; stop the run once one optimiser skips ``max_consecutive_skips`` in a row."""
         self.progress.skipped_updates += 1
         self.progress.consecutive_skips[role] += 1
-        logger.warning(f"non-finite {role} loss at step {self.progress.step}; update skipped", main_process_only=True)
+        step = self.progress.step + 1  # the step being computed, numbered as in train_log.jsonl
+        logger.warning(f"non-finite {role} loss at step {step}; update skipped", main_process_only=True)
         if self.progress.consecutive_skips[role] >= self.cfg.max_consecutive_skips:
             checkpoints = list_checkpoints(self.cfg.output_dir)
             raise DivergedError(
-                f"{self.progress.consecutive_skips[role]} {role} updates in a row had a non-finite loss (step {self.progress.step}): "
+                f"{self.progress.consecutive_skips[role]} {role} updates in a row had a non-finite loss (step {step}): "
                 "the run has diverged. Lower --learning_rate or --max_grad_norm and resume "
                 + (f"from the last good checkpoint, {checkpoints[-1]}" if checkpoints else "(no checkpoint was saved)")
             )

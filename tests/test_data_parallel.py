@@ -59,17 +59,24 @@ def test_sharded_modes_are_refused():
         accelerator.state.distributed_type = DistributedType.NO
 
 
-def test_the_dmd2_recipe_runs_as_two_processes(tiny_pipeline_dir, tmp_path):
+def test_the_dmd2_recipe_runs_and_resumes_as_two_processes(tiny_pipeline_dir, tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "dmd2.py"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", str(recipe),
-        "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_batch_size", "2",
-        "--critic_steps_per_generator_step", "2", "--max_train_steps", "2", "--checkpointing_steps", "2",
-        "--validation_steps", "2", "--num_validation_images", "10", "--eval_num_samples", "10", "--teacher_eval_steps", "2",
-        "--output_dir", str(tmp_path),
-    ]
-    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", str(recipe),
+              "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_batch_size", "2",
+              "--critic_steps_per_generator_step", "2", "--checkpointing_steps", "2", "--output_dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = launch + ["--max_train_steps", "2", "--validation_steps", "2", "--num_validation_images", "10",
+                      "--eval_num_samples", "10", "--teacher_eval_steps", "2"]
+    result = subprocess.run(first, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2]  # one process logs, the two train together
     assert result.stdout.count("| student | 1 |") == 1 and (tmp_path / "checkpoint-2").is_dir()
+    # a second launch resumes both processes from checkpoint-2
+    second = launch + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--validation_steps", "0",
+                       "--eval_num_samples", "0"]
+    result = subprocess.run(second, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "checkpoint-2 at step 2" in result.stderr
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

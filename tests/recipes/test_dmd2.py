@@ -88,6 +88,7 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
         (["--use_lora", "maybe"], "expected true/false"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
         (["--lr_scheduler", "exponential"], "--lr_scheduler must be one of"),
+        (["--max_consecutive_skips", "0"], "--max_consecutive_skips must be ≥ 1"),
     ],
 )
 def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):
@@ -95,6 +96,28 @@ def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):
         configs.parse(dmd2.DMD2Config, flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_diverged_run_stops_with_one_message_and_keeps_its_checkpoint(
+    dmd2, tiny_pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    def nan_generator_loss(self, batch):
+        losses = healthy_generator_loss(self, batch)
+        return {**losses, "loss": losses["loss"] * float("nan")}
+
+    healthy_generator_loss = dmd2.methods.DMD2.generator_loss
+    monkeypatch.setattr(dmd2.methods.DMD2, "generator_loss", nan_generator_loss)
+    flags = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--output_dir", str(tmp_path), "--max_train_steps",
+             "6", "--train_batch_size", "2", "--critic_steps_per_generator_step", "1", "--checkpointing_steps", "1",
+             "--max_consecutive_skips", "3", "--validation_steps", "0"]
+    monkeypatch.setattr("sys.argv", ["recipes/dmd2.py", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        dmd2.run.command_line(dmd2.DMD2Config, dmd2.main, prog="recipes/dmd2.py")
+    message = str(exit_info.value.code)
+    assert message.startswith("error: 3 generator updates in a row had a non-finite loss (step 3)")
+    assert "resume from the last good checkpoint" in message and "checkpoint-2" in message
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "student").exists()  # nothing exported from a diverged run
 
 
 def test_bad_teachers_are_refused_before_training(dmd2, tmp_path):
