@@ -18,6 +18,7 @@ Sample a student with ``guidance_scale=1`` (its guidance is distilled in) and it
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -77,7 +78,12 @@ def export_full(
     scheduler = scheduler or student_scheduler(teacher_pipeline.scheduler)
     timesteps = student_timesteps(scheduler, num_steps)
     components = {**teacher_pipeline.components, "unet": student_unet, "scheduler": scheduler}
-    student_pipeline = type(teacher_pipeline)(**components)
+    pipeline_class = type(teacher_pipeline)
+    settings = {  # the pipeline's own non-module arguments, e.g. requires_safety_checker
+        name: value for name, value in teacher_pipeline.config.items()
+        if name not in components and name in inspect.signature(pipeline_class.__init__).parameters
+    }
+    student_pipeline = pipeline_class(**components, **settings)
     student_pipeline.save_pretrained(output_dir, safe_serialization=True)
     _write_metadata(output_dir, num_steps, timesteps, "full")
     return output_dir

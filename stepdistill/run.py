@@ -270,7 +270,8 @@ def export_student(
         export.export_lora(teacher.pipeline, student_unet, adapter, student_dir, cfg.num_student_steps, scheduler)
     else:
         export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps, scheduler)
-    print(f"trained {trainer.progress.step} steps in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
+    steps = trainer.progress.step
+    print(f"trained {steps} step{'' if steps == 1 else 's'} in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
     return student_dir
 
 
