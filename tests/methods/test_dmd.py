@@ -14,13 +14,8 @@ import pytest
 import torch
 
 from stepdistill.diffusion import NoiseProcess
-from stepdistill.methods.dmd import (
-    denoising_loss,
-    dmd_gradient,
-    dmd_surrogate_loss,
-    gan_critic_loss,
-    gan_generator_loss,
-)
+from stepdistill.methods.dmd import dmd_gradient, dmd_surrogate_loss
+from stepdistill.methods.fake_score import denoising_loss, gan_critic_loss, gan_generator_loss
 
 ALPHA, SIGMA = 0.8, 0.6  # one noise level, α² + σ² = 1
 MU_REAL, S_REAL = 1.0, 0.5

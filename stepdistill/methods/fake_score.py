@@ -1,0 +1,146 @@
+"""What DMD2 and SiD share: a student sampled with backward simulation, a fake score that learns
+the student's distribution online, and the optional diffusion-GAN head on the fake score.
+
+Both methods compare two denoisers on noised student samples x_t = α_t x + σ_t ε: the frozen
+teacher x̂0_real (the data's score, with classifier-free guidance) and the fake score x̂0_fake,
+trained by denoising score matching on detached student samples, so that it tracks the score of
+the student's current distribution (DMD2 §4.1, SiD §3). They differ only in the student's loss.
+
+Multi-step students train on their own sampler's states (DMD2 §4.3 "backward simulation"; few-step
+SiD trains on the uniform mixture of its generation steps, the same draw): pick a step k of the N,
+run the student's sampler k steps without gradient, then take step k with gradient.
+
+Diffusion-GAN (DMD2 §4.2): a classifier head on the fake score's mid-block features tells noised
+real latents from noised student samples (non-saturating loss) at noise levels up to
+``gan_max_timestep``; it is trained with the fake score and pushes the student towards "real".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stepdistill.diffusion import NoiseProcess, few_step_sample, uniform_timesteps
+from stepdistill.methods.base import Batch, Losses
+from stepdistill.models.networks import Networks
+
+
+def denoising_loss(eps_prediction: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Denoising score matching in ε-space: its minimiser is the score of the noised data."""
+    return F.mse_loss(eps_prediction.float(), eps.float())
+
+
+def gan_critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN loss for the discriminator: softplus(−D(real)) + softplus(D(fake))."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN loss for the generator: softplus(−D(fake))."""
+    return F.softplus(-fake_logits).mean()
+
+
+@dataclass
+class FakeScoreDistillation:
+    """The parts of a fake-score method; subclasses add ``generator_loss``.
+
+    ``fake_guidance_scale`` is the fake score's own classifier-free guidance while it is trained
+    (SiD-LSG's κ; 1: conditional only, as DMD2). Student losses compare the two denoisers on
+    t ∈ [``min_timestep_fraction``, ``max_timestep_fraction``]·(T − 1); the fake score learns on all t.
+    """
+
+    nets: Networks
+    process: NoiseProcess
+    student_timesteps: tuple[int, ...]
+    latent_shape: tuple[int, int, int]
+    critic_steps_per_generator_step: int = 1
+    fake_guidance_scale: float = 1.0
+    min_timestep_fraction: float = 0.02
+    max_timestep_fraction: float = 0.98
+    gan_generator_weight: float = 0.0
+    gan_critic_weight: float = 0.0
+    gan_max_timestep: int = 999
+
+    def __post_init__(self) -> None:
+        if not self.student_timesteps:
+            raise ValueError("student_timesteps must hold at least one timestep")
+        if self.critic_steps_per_generator_step < 1:
+            raise ValueError(f"critic_steps_per_generator_step must be ≥ 1 (got {self.critic_steps_per_generator_step})")
+        if self.fake_guidance_scale < 0:
+            raise ValueError(f"fake_guidance_scale must be ≥ 0 (got {self.fake_guidance_scale})")
+        if not 0 <= self.min_timestep_fraction <= self.max_timestep_fraction <= 1:
+            raise ValueError("need 0 ≤ min_timestep_fraction ≤ max_timestep_fraction ≤ 1 (got "
+                             f"{self.min_timestep_fraction}, {self.max_timestep_fraction})")
+        if not 0 <= self.gan_max_timestep < self.process.num_train_timesteps:
+            raise ValueError(f"gan_max_timestep must be in [0, {self.process.num_train_timesteps - 1}] (got {self.gan_max_timestep})")
+        if self.uses_gan and self.nets.discriminator is None:
+            raise ValueError("a GAN weight > 0 needs networks built with a discriminator")
+        first = self.student_timesteps[0]
+        if self.process.prediction_type == "epsilon" and self.process.alphas_cumprod[first] < 1e-4:
+            raise ValueError(
+                f"an ε-prediction teacher with ᾱ_{first} = {float(self.process.alphas_cumprod[first]):.1e} cannot give a "
+                "one-step x0 at its first timestep (x0 = (x_t − σ ε) / α explodes); use a teacher with Stable "
+                "Diffusion's scaled_linear schedule or a v-prediction teacher"
+            )
+
+    @property
+    def uses_gan(self) -> bool:
+        return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
+
+    def _student_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.nets.student(x_t, t, text).x0
+
+    def generate(self, batch: Batch) -> torch.Tensor:
+        """Student samples x = G(x_{t_k}, t_k) with gradient; for N-step students t_k is drawn
+        uniformly from the student's timesteps and x_{t_k} comes from running the student's own
+        sampler for k steps without gradient (backward simulation)."""
+        noise = torch.randn((batch.size, *self.latent_shape), device=batch.text.device)
+        steps = self.student_timesteps
+        k = int(torch.randint(len(steps), ())) if len(steps) > 1 else 0
+        if k > 0:
+            with torch.no_grad():
+                noise = few_step_sample(
+                    lambda x, t: self._student_x0(x, t, batch.text), noise, steps, self.process, stop_before=k
+                )
+        t = torch.full((batch.size,), steps[k], dtype=torch.long, device=noise.device)
+        return self._student_x0(noise, t, batch.text)
+
+    def noised(self, x: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, ε) with t ~ U{low..high} per sample and x_t = α_t x + σ_t ε."""
+        t = uniform_timesteps(x.shape[0], low, high, device=x.device)
+        eps = torch.randn_like(x)
+        return self.process.add_noise(x, eps, t), t, eps
+
+    def score_timestep_range(self) -> tuple[int, int]:
+        """The t range of the student's loss."""
+        last = self.process.num_train_timesteps - 1
+        return int(self.min_timestep_fraction * last), int(self.max_timestep_fraction * last)
+
+    def gan_generator_term(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The student's GAN loss: the discriminator should call noised student samples real."""
+        x_gan, t, _ = self.noised(x, 0, self.gan_max_timestep)
+        return gan_generator_loss(self.nets.discriminator(self.nets.fake_score.features(x_gan, t, batch.text)))
+
+    def critic_loss(self, batch: Batch) -> Losses:
+        # the fake score denoises detached student samples (with its own guidance, if any)
+        with torch.no_grad():
+            x = self.generate(batch)
+        x_t, t, eps = self.noised(x, 0, self.process.num_train_timesteps - 1)
+        prediction = self.nets.fake_score(x_t, t, batch.text, batch.uncond, self.fake_guidance_scale)
+        losses: Losses = {"fake_score": denoising_loss(prediction.eps, eps)}
+        total = losses["fake_score"]
+        # the discriminator: noised real latents vs noised student samples at the same t ≤ gan_max_timestep
+        if self.gan_critic_weight > 0:
+            if batch.real_latents is None:
+                raise ValueError("the GAN term needs real images in the batch (real_latents)")
+            fake_gan, gan_t, _ = self.noised(x, 0, self.gan_max_timestep)
+            real_gan = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), gan_t)
+            losses["gan_critic"] = gan_critic_loss(
+                self.nets.discriminator(self.nets.fake_score.features(real_gan, gan_t, batch.text)),
+                self.nets.discriminator(self.nets.fake_score.features(fake_gan, gan_t, batch.text)),
+            )
+            total = total + self.gan_critic_weight * losses["gan_critic"]
+        losses["loss"] = total
+        return losses
