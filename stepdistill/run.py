@@ -36,6 +36,7 @@ from stepdistill.evaluation.validation import StudentModel, StudentValidator
 from stepdistill.methods.base import Batch
 from stepdistill.models.denoiser import select_adapter
 from stepdistill.models.loading import PipelineError, load_pipeline
+from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.trainer import (
     DivergedError, Trainer, TrainerConfig, find_checkpoint, make_accelerator, require_data_parallel, set_cpu_threads,
@@ -228,6 +229,24 @@ def image_size(teacher: Teacher) -> int:
 def scores_digits(cfg: RunConfig, teacher: Teacher) -> bool:
     """Whether the offline digits metrics apply: digit prompts and 32×32 images."""
     return cfg.uses_digits and image_size(teacher) == digits.IMAGE_SIZE
+
+
+def enable_gradient_checkpointing(cfg: RunConfig, nets: Networks) -> None:
+    """``--gradient_checkpointing``: recompute activations in every trained UNet (each shared one once)."""
+    if cfg.gradient_checkpointing:
+        trained = (n for n in (nets.student, nets.fake_score) if n is not None)
+        for unet in {id(n.unet): n.unet for n in trained}.values():
+            unet.enable_gradient_checkpointing()
+
+
+def fake_score_parameters(nets: Networks) -> dict:
+    """The trainer's modules and parameters for a student against a fake score (and discriminator)."""
+    return dict(
+        generator_modules=[nets.student.unet],
+        generator_parameters=nets.generator_parameters(),
+        critic_modules=[m for m in (nets.fake_score.unet, nets.discriminator) if m is not None],
+        critic_parameters=nets.critic_parameters(),
+    )
 
 
 def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) -> TrainerConfig:

@@ -1,0 +1,114 @@
+"""SiD: distil a diffusion teacher into a 1–4 step student with Score identity Distillation, data-free.
+
+    accelerate launch recipes/sid.py                                   # the shipped digits teacher, offline
+    accelerate launch recipes/sid.py --num_student_steps 4             # few-step SiD
+    accelerate launch recipes/sid.py --guidance_scale 1 --fake_guidance_scale 0 --fake_guidance_scale_generator 0  # Zero-CFG
+    accelerate launch recipes/sid.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --prompts_file prompts.txt --guidance_scale 4.5 --fake_guidance_scale_generator 4.5 --learning_rate 1e-6 \\
+        --critic_learning_rate 1e-6 --use_lora true --mixed_precision bf16        # SiD-LSG
+
+Papers: "Score identity Distillation" (Zhou et al. 2024), "Guided Score identity Distillation for
+Data-Free One-Step Text-to-Image Generation" (SiD-LSG) and "Few-Step Diffusion via Score identity
+Distillation". Each training step (the math lives in ``stepdistill.methods.sid``):
+
+    1. one fake-score update: it denoises detached student samples (at ``--fake_guidance_scale``);
+    2. one student update on SiD's loss: teacher (``--guidance_scale``) and fake score
+       (``--fake_guidance_scale_generator``) denoise the same noised student sample, and the student
+       moves to close the gap between them, through both networks' inputs;
+    3. few-step students train on a uniformly drawn step of their own sampler.
+
+No real images are needed; with ``--train_data_dir`` and a GAN weight, few-step SiD's diffusion-GAN
+term is added. Zero-CFG is ``--guidance_scale 1 --fake_guidance_scale 0 --fake_guidance_scale_generator 0``
+(an unguided teacher, a text-free fake score); Anti-CFG gives the fake score a negative scale in the
+student's loss. The student is exported for plain diffusers like every other recipe's, and scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from accelerate.logging import get_logger
+
+from stepdistill import export, methods, run
+from stepdistill.config import ConfigError, field
+from stepdistill.models import networks
+from stepdistill.trainer import Trainer
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class SiDConfig(run.RunConfig):
+    """Distil a text-to-image diffusion model with Score identity Distillation (SiD, SiD-LSG, few-step SiD)."""
+
+    output_dir: str = field("outputs/sid", "where checkpoints, the student and report.json go")
+    max_train_steps: int = field(400, "student updates (one fake-score update each)")
+    learning_rate: float = field(3e-5, "student AdamW learning rate")
+    critic_learning_rate: float = field(1e-4, "fake score (and discriminator) AdamW learning rate")
+    alpha: float = field(methods.sid.SID_ALPHA, "SiD's α: weight of −‖f_teacher − f_fake‖² in the student loss")
+    fake_guidance_scale: float = field(1.0, "the fake score's CFG scale while it is trained (0: text-free)")
+    fake_guidance_scale_generator: float = field(1.0, "the fake score's CFG scale in the student loss (< 0: Anti-CFG)")
+    gan_generator_weight: float = field(0.0, "weight of the diffusion-GAN term in the student loss (0: off; needs real images)")
+    gan_critic_weight: float = field(0.0, "weight of the diffusion-GAN term in the critic loss (0: off; needs real images)")
+    gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.critic_learning_rate > 0:
+            raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
+        for name in ("alpha", "fake_guidance_scale", "gan_generator_weight", "gan_critic_weight", "gan_max_timestep"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
+        if (self.gan_generator_weight or self.gan_critic_weight) and self.prompts_file:
+            raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
+                              "or leave the GAN weights at 0")
+
+
+def main(cfg: SiDConfig) -> None:
+    # 1. checked flags, the frozen teacher and its noise process, the prompts with cached text embeddings
+    setup = run.set_up(cfg, "sid")
+    if setup is None:  # --dry_run
+        return
+    accelerator, teacher, prompts = setup.accelerator, setup.teacher, setup.prompts
+
+    # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
+    with_gan = bool(cfg.gan_generator_weight or cfg.gan_critic_weight)
+    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_discriminator=with_gan)
+    run.enable_gradient_checkpointing(cfg, nets)
+
+    # 3. the method: SiD's loss on the student's timesteps, read off the exported scheduler
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler)
+    method = methods.SiD(
+        nets=nets,
+        process=teacher.process,
+        student_timesteps=export.student_timesteps(scheduler, cfg.num_student_steps),
+        latent_shape=teacher.latent_shape,
+        alpha=cfg.alpha,
+        teacher_guidance_scale=cfg.guidance_scale,
+        fake_guidance_scale=cfg.fake_guidance_scale,
+        fake_guidance_scale_generator=cfg.fake_guidance_scale_generator,
+        gan_generator_weight=cfg.gan_generator_weight,
+        gan_critic_weight=cfg.gan_critic_weight,
+        gan_max_timestep=cfg.gan_max_timestep,
+    )
+
+    # 4. train: a fake-score update, then a student update, every step; validate now and then
+    trainer = Trainer(
+        run.trainer_config(cfg, critic_learning_rate=cfg.critic_learning_rate),
+        method,
+        next_batch=setup.next_batch,
+        accelerator=accelerator,
+        validate=run.make_validator(cfg, teacher, nets.student, method.student_timesteps, prompts),
+        **run.fake_score_parameters(nets),
+    )
+    progress = trainer.fit()
+    accelerator.end_training()
+
+    # 5. export for plain diffusers (EMA weights if kept), then score the export
+    if accelerator.is_main_process:
+        student_dir = run.export_student(cfg, teacher, trainer, nets.student.unet, networks.STUDENT)
+        run.final_report(cfg, teacher, prompts, student_dir, progress.seconds)
+
+
+if __name__ == "__main__":
+    run.command_line(SiDConfig, main, prog="recipes/sid.py")
