@@ -35,3 +35,8 @@ def consistency():
 @pytest.fixture(scope="module")
 def train_teacher():
     yield from _recipe("train_teacher")
+
+
+@pytest.fixture(scope="module")
+def sid():
+    yield from _recipe("sid")

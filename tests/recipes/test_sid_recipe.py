@@ -1,0 +1,66 @@
+"""recipes/sid.py end to end on a tiny random-weight SD pipeline: the code path a hub model takes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepdistill import config as configs
+from stepdistill.models.loading import load_pipeline
+
+
+def smoke_config(sid, teacher_dir, output_dir, **overrides):
+    values = dict(
+        pretrained_model_name_or_path=str(teacher_dir), output_dir=str(output_dir), max_train_steps=2,
+        train_batch_size=2, eval_num_samples=10, teacher_eval_steps=2, validation_steps=0,
+    )
+    values.update(overrides)
+    return sid.SiDConfig(**values)
+
+
+def read_log(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_two_steps_then_export_and_report(sid, tiny_pipeline_dir, tmp_path, use_lora, shipped_classifier):
+    cfg = smoke_config(sid, tiny_pipeline_dir, tmp_path, use_lora=use_lora, validation_steps=2, num_validation_images=10,
+                       fake_guidance_scale_generator=1.5)
+    sid.main(cfg)
+    log = read_log(tmp_path)
+    assert [row["step"] for row in log] == [1, 2]
+    assert all("critic/fake_score" in row and "generator/sid" in row and "critic/gan_critic" not in row for row in log)
+    assert "validation/fd_digits" in log[1]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {(r["model"], r["num_inference_steps"]) for r in report["results"]} == {("student", 1), ("teacher", 2)}
+    student = tmp_path / "student"
+    if use_lora:
+        assert (student / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        assert type(load_pipeline(student).scheduler).__name__ == "LCMScheduler"
+
+
+def test_few_step_student_with_the_gan_term(sid, tiny_pipeline_dir, tmp_path):
+    cfg = smoke_config(sid, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.01,
+                       gan_critic_weight=0.01, eval_num_samples=0)
+    sid.main(cfg)
+    assert all("critic/gan_critic" in row and "generator/gan_generator" in row for row in read_log(tmp_path))
+    assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["timesteps"] == [999, 499]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--alpha=-1"], "--alpha must be ≥ 0"),
+        (["--fake_guidance_scale=-1"], "--fake_guidance_scale must be ≥ 0"),
+        (["--critic_learning_rate", "0"], "--critic_learning_rate must be > 0"),
+        (["--gan_generator_weight", "0.1", "--prompts_file", "README.md"], "the GAN term needs real images"),
+        (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
+    ],
+)
+def test_bad_flags_fail_before_loading(sid, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        configs.parse(sid.SiDConfig, flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
