@@ -25,7 +25,7 @@ from diffusers import DDIMScheduler
 
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
-from stepdistill.models import networks
+from stepdistill.models import guidance_embedding, networks
 from stepdistill.trainer import Trainer
 
 
@@ -45,6 +45,8 @@ class ConsistencyConfig(run.RunConfig):
     loss_type: str = field("huber", "huber (pseudo-Huber) or l2")
     huber_c: float = field(1e-3, "pseudo-Huber constant c")
     target_ema_decay: float = field(0.0, "EMA decay of the target f_θ⁻ (LCM: 0.95, full weights; 0: stop-gradient student)")
+    guidance_embedding: bool = field(False, "the full-weight student takes w as an input (LCM's w-embedding); "
+                                            "scored at --guidance_scale")
     timestep_scaling: float = field(methods.consistency.LCM_TIMESTEP_SCALING, "s in LCM's c_skip(s·t), c_out(s·t); exported")
     eval_steps: tuple[int, ...] = field((1, 2, 4, 8), "student step counts scored in the final report")
 
@@ -65,6 +67,8 @@ class ConsistencyConfig(run.RunConfig):
                 raise ConfigError(f"--{name} must be > 0 (got {getattr(self, name)})")
         if not 0 <= self.target_ema_decay < 1:
             raise ConfigError(f"--target_ema_decay must be in [0, 1) (got {self.target_ema_decay})")
+        if self.use_lora and self.guidance_embedding:
+            raise ConfigError("--guidance_embedding needs --use_lora false: LoRA cannot add the guidance projection")
         if self.use_lora and self.target_ema_decay > 0:
             raise ConfigError("--target_ema_decay > 0 needs --use_lora false: a LoRA student's target is the student itself")
         if self.prompts_file:
@@ -99,10 +103,12 @@ def main(cfg: ConsistencyConfig) -> None:
         return
     accelerator, teacher, prompts = setup.accelerator, setup.teacher, setup.prompts
 
-    # 2. the student starts as the teacher (a LoRA adapter on it, or a full copy); no critic
-    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_fake_score=False)
-    if cfg.gradient_checkpointing:
-        nets.student.unet.enable_gradient_checkpointing()
+    # 2. the student starts as the teacher (a LoRA adapter on it, or a full copy, optionally with a
+    #    zero-initialised guidance-scale input); no critic
+    embedding_dim = guidance_embedding.LCM_EMBEDDING_DIM if cfg.guidance_embedding else None
+    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_fake_score=False,
+                                   guidance_embedding_dim=embedding_dim)
+    run.enable_gradient_checkpointing(cfg, nets)
     student = methods.ConsistencyDenoiser(nets.student, cfg.timestep_scaling)  # f_θ = c_skip x + c_out x̂0
 
     # 3. the method; the exported scheduler samples f_θ on the same grid and boundary scaling
@@ -123,6 +129,10 @@ def main(cfg: ConsistencyConfig) -> None:
                                          original_inference_steps=len(method.grid) - 1)
     timesteps = export.student_timesteps(scheduler, cfg.num_student_steps)
 
+    # a guidance-embedded student is validated and scored at w = --guidance_scale
+    sampled_guidance = low if cfg.guidance_embedding else 1.0
+    sampled = guidance_embedding.AtGuidanceScale(student, low) if cfg.guidance_embedding else student
+
     # 4. train; an EMA target is checkpointed with the student (a prepared module without trainable
     #    weights) and moves after every student update (method.after_generator_update): θ⁻ ← μ θ⁻ + (1 − μ) θ
     trainer = Trainer(
@@ -134,15 +144,17 @@ def main(cfg: ConsistencyConfig) -> None:
         critic_parameters=[],
         next_batch=setup.next_batch,
         accelerator=accelerator,
-        validate=run.make_validator(cfg, teacher, student, timesteps, prompts),
+        validate=run.make_validator(cfg, teacher, sampled, timesteps, prompts),
     )
     progress = trainer.fit()
     accelerator.end_training()
 
     # 5. export for plain diffusers (LCMScheduler at the boundary scaling), then score at 1–8 steps
     if accelerator.is_main_process:
-        student_dir = run.export_student(cfg, teacher, trainer, nets.student.unet, networks.STUDENT, scheduler)
-        run.final_report(cfg, teacher, prompts, student_dir, progress.seconds, student_steps=cfg.eval_steps)
+        student_dir = run.export_student(cfg, teacher, trainer, nets.student.unet, networks.STUDENT, scheduler,
+                                         sampled_guidance)
+        run.final_report(cfg, teacher, prompts, student_dir, progress.seconds, student_steps=cfg.eval_steps,
+                         student_guidance_scale=sampled_guidance)
 
 
 if __name__ == "__main__":

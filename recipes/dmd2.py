@@ -89,9 +89,7 @@ def main(cfg: DMD2Config) -> None:
     if wants_gan and not with_gan:
         logger.warning("no real images (--train_data_dir), so the GAN term is off; distribution matching only")
     nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_discriminator=with_gan)
-    if cfg.gradient_checkpointing:
-        for unet in {id(n.unet): n.unet for n in (nets.student, nets.fake_score)}.values():
-            unet.enable_gradient_checkpointing()
+    run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: DMD2's losses on the student's timesteps, read off the exported scheduler
     scheduler = export.student_scheduler(teacher.pipeline.scheduler)
@@ -113,13 +111,10 @@ def main(cfg: DMD2Config) -> None:
     trainer = Trainer(
         run.trainer_config(cfg, critic_learning_rate=cfg.critic_learning_rate),
         method,
-        generator_modules=[nets.student.unet],
-        generator_parameters=nets.generator_parameters(),
-        critic_modules=[m for m in (nets.fake_score.unet, nets.discriminator) if m is not None],
-        critic_parameters=nets.critic_parameters(),
         next_batch=setup.next_batch,
         accelerator=accelerator,
         validate=run.make_validator(cfg, teacher, nets.student, method.student_timesteps, prompts),
+        **run.fake_score_parameters(nets),
     )
     progress = trainer.fit()
     accelerator.end_training()

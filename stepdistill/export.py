@@ -13,7 +13,9 @@ students are trained with the boundary mix (s = 10) and exported with it, on the
 * LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``pipe.load_lora_weights``)
   plus ``scheduler/scheduler_config.json`` for ``LCMScheduler.from_pretrained(output_dir, subfolder="scheduler")``.
 
-Sample a student with ``guidance_scale=1`` (its guidance is distilled in) and its number of steps.
+Sample a student with ``guidance_scale=1`` (its guidance is distilled in) and its number of steps; a
+student that takes the guidance scale as an input samples at any w of its training range instead
+(``stepdistill_student.json`` records the one it was scored at).
 """
 
 from __future__ import annotations
@@ -54,12 +56,14 @@ def student_timesteps(scheduler: LCMScheduler, num_steps: int) -> tuple[int, ...
     return tuple(int(t) for t in scheduler.timesteps)
 
 
-def _write_metadata(output_dir: Path, num_steps: int, timesteps: tuple[int, ...], kind: str) -> None:
+def _write_metadata(
+    output_dir: Path, num_steps: int, timesteps: tuple[int, ...], kind: str, guidance_scale: float
+) -> None:
     info = {
         "format": kind,
         "num_inference_steps": num_steps,
         "timesteps": list(timesteps),
-        "guidance_scale": 1.0,
+        "guidance_scale": guidance_scale,
         "scheduler": "LCMScheduler",
     }
     (output_dir / "stepdistill_student.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -71,9 +75,11 @@ def export_full(
     output_dir: str | Path,
     num_steps: int,
     scheduler: LCMScheduler | None = None,
+    guidance_scale: float = 1.0,
 ) -> Path:
     """Save the teacher's pipeline with the student's UNet and the student scheduler
-    (``scheduler``, by default :func:`student_scheduler` of the teacher's)."""
+    (``scheduler``, by default :func:`student_scheduler` of the teacher's); ``guidance_scale`` is
+    the one to sample at (1 unless the UNet takes it as an input)."""
     output_dir = Path(output_dir)
     scheduler = scheduler or student_scheduler(teacher_pipeline.scheduler)
     timesteps = student_timesteps(scheduler, num_steps)
@@ -85,7 +91,7 @@ def export_full(
     }
     student_pipeline = pipeline_class(**components, **settings)
     student_pipeline.save_pretrained(output_dir, safe_serialization=True)
-    _write_metadata(output_dir, num_steps, timesteps, "full")
+    _write_metadata(output_dir, num_steps, timesteps, "full", guidance_scale)
     return output_dir
 
 
@@ -105,7 +111,7 @@ def export_lora(
     type(teacher_pipeline).save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
     scheduler = scheduler or student_scheduler(teacher_pipeline.scheduler)
     scheduler.save_pretrained(output_dir / "scheduler")
-    _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps), "lora")
+    _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps), "lora", 1.0)
     return output_dir
 
 

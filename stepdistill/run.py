@@ -277,10 +277,11 @@ def make_validator(
 
 def export_student(
     cfg: RunConfig, teacher: Teacher, trainer: Trainer, student_unet: nn.Module, adapter: str | None,
-    scheduler: LCMScheduler | None = None,
+    scheduler: LCMScheduler | None = None, guidance_scale: float = 1.0,
 ) -> Path:
     """Write ``output_dir/student`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline,
-    with ``scheduler`` (default: :func:`export.student_scheduler` of the teacher's)."""
+    with ``scheduler`` (default: :func:`export.student_scheduler` of the teacher's); ``guidance_scale``
+    is the one to sample at (1, unless the student takes it as an input)."""
     if trainer.ema is not None:
         trainer.ema.copy_to_parameters()
     student_unet = trainer.accelerator.unwrap_model(student_unet)
@@ -288,7 +289,7 @@ def export_student(
     if cfg.use_lora:
         export.export_lora(teacher.pipeline, student_unet, adapter, student_dir, cfg.num_student_steps, scheduler)
     else:
-        export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps, scheduler)
+        export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps, scheduler, guidance_scale)
     steps = trainer.progress.step
     print(f"trained {steps} step{'' if steps == 1 else 's'} in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
     return student_dir
@@ -296,12 +297,13 @@ def export_student(
 
 def final_report(
     cfg: RunConfig, teacher: Teacher, prompts: list[str], student_dir: Path, training_seconds: float,
-    student_steps: tuple[int, ...] = (),
+    student_steps: tuple[int, ...] = (), student_guidance_scale: float = 1.0,
 ) -> dict:
     """Score the exported student (as plain diffusers loads it) and the teacher on the same noise.
 
     On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
     and for the teacher, in ``report.json`` and grids; otherwise a grid of the first 16 training prompts.
+    Students sample at ``student_guidance_scale`` (1: distilled in; else a guidance-scale input's value).
     """
     if cfg.eval_num_samples == 0:
         return {}
@@ -311,13 +313,14 @@ def final_report(
     else:
         student = load_pipeline(student_dir)
     if not scores_digits(cfg, teacher):
-        images, _ = generate(student, prompts[:16], cfg.num_student_steps, 1.0, seed=cfg.seed)
+        images, _ = generate(student, prompts[:16], cfg.num_student_steps, student_guidance_scale, seed=cfg.seed)
         save_grid(images, output_dir / "student_grid.png", num_columns=4)
         return {}
     eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
     scorers = report.Scorers(digits=DigitsEvaluator())
     steps = tuple(sorted({1, cfg.num_student_steps, *student_steps}))
-    results = report.evaluate(student, "student", steps, (1.0,), eval_prompts, scorers, output_dir, seed=cfg.seed)
+    results = report.evaluate(student, "student", steps, (student_guidance_scale,), eval_prompts, scorers, output_dir,
+                              seed=cfg.seed)
     if cfg.teacher_eval_steps:
         select_adapter(teacher.unet, None)  # with --use_lora the student's adapters live on the teacher's UNet
         results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),

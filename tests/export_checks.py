@@ -35,10 +35,10 @@ def trainer_samples(teacher, student, scheduler, num_steps: int) -> torch.Tensor
         )
 
 
-def diffusers_samples(pipe, teacher, num_steps: int) -> torch.Tensor:
+def diffusers_samples(pipe, teacher, num_steps: int, guidance_scale: float = 1.0) -> torch.Tensor:
     """Latents from a plain diffusers pipeline on the same noise."""
     noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
     return pipe(
-        prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=1.0, latents=noise,
+        prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=guidance_scale, latents=noise,
         generator=torch.Generator().manual_seed(2), output_type="latent",
     ).images

@@ -12,6 +12,7 @@ import torch
 from stepdistill import export
 from stepdistill.methods.consistency import ConsistencyDenoiser
 from stepdistill.models import networks
+from stepdistill.models.guidance_embedding import LCM_EMBEDDING_DIM, AtGuidanceScale
 from stepdistill.models.loading import load_pipeline
 
 from export_checks import diffusers_samples, perturbed_networks, trainer_samples
@@ -40,6 +41,23 @@ def test_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, use_lora, 
     assert pipe.scheduler.config.timestep_scaling == 10.0
     assert pipe.scheduler.config.original_inference_steps == solver_steps
     torch.testing.assert_close(diffusers_samples(pipe, teacher, num_steps), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
+def test_a_guidance_embedded_student_samples_in_diffusers_at_any_scale(tiny_pipeline_dir, tmp_path, guidance_scale):
+    teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=False, with_fake_score=False,
+                                       guidance_embedding_dim=LCM_EMBEDDING_DIM)
+    assert nets.student.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # perturbed: w matters
+    student = AtGuidanceScale(ConsistencyDenoiser(nets.student, timestep_scaling=10.0), guidance_scale)
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, timestep_scaling=10.0)
+    expected = trainer_samples(teacher, student, scheduler, 2)
+    export.export_full(teacher.pipeline, nets.student.unet, tmp_path, 2, scheduler, guidance_scale=guidance_scale)
+    pipe = load_pipeline(tmp_path)
+    assert pipe.unet.config.time_cond_proj_dim == LCM_EMBEDDING_DIM
+    # diffusers runs no CFG for such a UNet: it passes the scale's embedding, one network call per step
+    torch.testing.assert_close(diffusers_samples(pipe, teacher, 2, guidance_scale), expected, rtol=1e-5, atol=1e-5)
+    other = diffusers_samples(pipe, teacher, 2, guidance_scale + 1.0)
+    assert (other - expected).abs().max() > 1e-3
 
 
 def test_student_timesteps_on_the_solver_grid():

@@ -66,7 +66,7 @@ def evaluate(
                 model=model,
                 num_inference_steps=num_steps,
                 guidance_scale=guidance_scale,
-                nfe=number_of_function_evaluations(num_steps, guidance_scale),
+                nfe=number_of_function_evaluations(pipe, num_steps, guidance_scale),
                 num_samples=len(prompts),
                 images_per_s=len(prompts) / seconds,
             )

@@ -16,9 +16,11 @@ def initial_noise(pipe: DiffusionPipeline, num_samples: int, seed: int) -> torch
     return torch.randn((num_samples, channels, size, size), generator=generator)
 
 
-def number_of_function_evaluations(num_inference_steps: int, guidance_scale: float) -> int:
-    """Network calls per image: one per step, two with classifier-free guidance (conditional + unconditional)."""
-    return num_inference_steps * (2 if guidance_scale > 1 else 1)
+def number_of_function_evaluations(pipe: DiffusionPipeline, num_inference_steps: int, guidance_scale: float) -> int:
+    """Network calls per image: one per step, two with classifier-free guidance (conditional +
+    unconditional), which diffusers skips for a UNet that takes the guidance scale as an input."""
+    embedded = pipe.unet.config.time_cond_proj_dim is not None
+    return num_inference_steps * (2 if guidance_scale > 1 and not embedded else 1)
 
 
 @torch.no_grad()

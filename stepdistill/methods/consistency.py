@@ -18,6 +18,9 @@ diffusers' ``LCMScheduler`` scalings (boundary condition f(x, 0) = x), and ε_f 
   segment's lower boundary g_b, b = s N/S, through the DDIM jump F = α_{g_b} f + σ_{g_b} ε_f
   (the identity at t = g_b); the last segment (b = 0) is LCM's F = f.
 
+A full-weight student may take w as an input (LCM §4.1; :mod:`~stepdistill.models.guidance_embedding`):
+student and target then see the w the teacher step used, and one student samples at any w of the range.
+
 Target θ⁻: an EMA of the student, θ⁻ ← μ θ⁻ + (1 − μ) θ after each update (LCM: μ = 0.95), or the
 stop-gradient student itself, μ = 0 (LCM-LoRA; Song & Dhariwal 2023 found it better). Distance d:
 pseudo-Huber √((a − b)² + c²) − c per element, c = 0.001 (iCT, Song & Dhariwal 2023; the constant
@@ -59,8 +62,14 @@ class ConsistencyDenoiser(nn.Module):
     def process(self) -> NoiseProcess:
         return self.denoiser.process
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Prediction:
-        x0 = self.denoiser(x_t, t, text).x0
+    @property
+    def takes_guidance_scale(self) -> bool:
+        return self.denoiser.takes_guidance_scale
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, embedded_guidance: torch.Tensor | None = None
+    ) -> Prediction:
+        x0 = self.denoiser(x_t, t, text, embedded_guidance=embedded_guidance).x0
         x_t = x_t.float()
         c_skip, c_out = consistency_scalings(t, self.timestep_scaling, x0)
         f = c_skip * x_t + c_out * x0
@@ -153,6 +162,11 @@ class ConsistencyDistillation:
             self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
     @property
+    def embeds_guidance(self) -> bool:
+        """Whether the student takes the teacher's guidance scale w as an input."""
+        return self.student.takes_guidance_scale
+
+    @property
     def ema_target(self) -> bool:
         """Whether f_θ⁻ is a frozen EMA copy (to checkpoint and to update after each student step)."""
         return self.target_ema_decay > 0
@@ -170,8 +184,10 @@ class ConsistencyDistillation:
         for target, online in zip(self.target.parameters(), self.student.parameters(), strict=True):
             target.lerp_(online.detach().to(target.dtype), 1 - self.target_ema_decay)
 
-    def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """x̂_{t_prev}: one DDIM step of the guided teacher, w ~ U[w_min, w_max] per sample.
+    def teacher_step(
+        self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, batch: Batch, w: torch.Tensor
+    ) -> torch.Tensor:
+        """x̂_{t_prev}: one DDIM step of the teacher guided at per-sample scales ``w`` ``(B,)``.
 
         CFG combines x̂0 and ε̂ directly: both are affine in the network output at fixed x_t.
         """
@@ -179,7 +195,6 @@ class ConsistencyDistillation:
         if self.guidance_scale_min == self.guidance_scale_max == 1.0:
             return ddim_step(conditional.x0, conditional.eps, t_prev, self.process)
         unconditional = self.teacher(x_t, t, batch.uncond)
-        w = torch.empty(x_t.shape[0], device=x_t.device).uniform_(self.guidance_scale_min, self.guidance_scale_max)
         w = w.reshape(-1, *([1] * (x_t.ndim - 1)))
         x0 = classifier_free_guidance(conditional.x0, unconditional.x0, w)
         eps = classifier_free_guidance(conditional.eps, unconditional.eps, w)
@@ -208,12 +223,14 @@ class ConsistencyDistillation:
         t, t_prev = self.grid[n].to(device), self.grid[n - 1].to(device)
         # 2. forward process: x_t = α_t x0 + σ_t ε
         x_t = self.process.add_noise(x0, torch.randn_like(x0), t)
-        # 3. target: the guided teacher's DDIM step t → t_prev, then f_θ⁻ there (no gradient)
+        # 3. target: the teacher's DDIM step t → t_prev guided at w ~ U[w_min, w_max], then f_θ⁻ there (no gradient)
+        w = torch.empty(batch.size, device=device).uniform_(self.guidance_scale_min, self.guidance_scale_max)
+        embedded = w if self.embeds_guidance else None
         with torch.no_grad():
-            x_prev = self.teacher_step(x_t, t, t_prev, batch)
-            target = self.to_boundary(self.target(x_prev, t_prev, batch.text), boundary)
-        # 4. the student's consistency output at t, with gradient
-        prediction = self.to_boundary(self.student(x_t, t, batch.text), boundary)
+            x_prev = self.teacher_step(x_t, t, t_prev, batch, w)
+            target = self.to_boundary(self.target(x_prev, t_prev, batch.text, embedded), boundary)
+        # 4. the student's consistency output at t, with gradient (and w, if it takes it)
+        prediction = self.to_boundary(self.student(x_t, t, batch.text, embedded), boundary)
         losses: Losses = {"consistency": self.distance(prediction, target)}
         losses["loss"] = losses["consistency"]
         return losses

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from stepdistill.diffusion import NoiseProcess, classifier_free_guidance
+from stepdistill.models.guidance_embedding import guidance_scale_embedding
 
 
 def select_adapter(unet: nn.Module, adapter: str | None) -> None:
@@ -48,13 +49,19 @@ class _FeaturesReady(Exception):
 
 
 class Denoiser(nn.Module):
-    """Wrap a UNet so it returns (x̂0, ε̂); optionally with classifier-free guidance."""
+    """Wrap a UNet so it returns (x̂0, ε̂); optionally with classifier-free guidance, or with the
+    guidance scale as an input for UNets built to take one (:mod:`~stepdistill.models.guidance_embedding`)."""
 
     def __init__(self, unet: nn.Module, process: NoiseProcess, adapter: str | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.process = process
         self.adapter = adapter
+
+    @property
+    def takes_guidance_scale(self) -> bool:
+        """Whether the UNet has a guidance-scale input (then every call needs ``embedded_guidance``)."""
+        return self.unet.config.time_cond_proj_dim is not None
 
     def forward(
         self,
@@ -63,25 +70,34 @@ class Denoiser(nn.Module):
         text: torch.Tensor,
         uncond: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        embedded_guidance: torch.Tensor | None = None,
     ) -> Prediction:
         """Denoise ``x_t`` at integer timesteps ``t`` (shape ``(B,)``) given text embeddings ``(B, L, D)``.
 
         With ``guidance_scale != 1`` the unconditional embeddings ``uncond`` are required and the
         network runs once on the doubled batch; CFG is applied to the raw prediction (equivalent
-        to applying it to x̂0 or ε̂, which are affine in it at fixed x_t).
+        to applying it to x̂0 or ε̂, which are affine in it at fixed x_t). A UNet with a
+        guidance-scale input needs ``embedded_guidance``, the per-sample scales ``(B,)``, instead.
         """
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must have shape ({x_t.shape[0]},) (got {tuple(t.shape)})")
         guided = guidance_scale != 1.0
         if guided and uncond is None:
             raise ValueError("classifier-free guidance needs unconditional embeddings")
+        embedding_dim = self.unet.config.time_cond_proj_dim
+        if (embedded_guidance is None) != (embedding_dim is None):
+            raise ValueError("a UNet with a guidance-scale input needs embedded_guidance, and only such a UNet takes it")
+        condition = None if embedding_dim is None else guidance_scale_embedding(embedded_guidance, embedding_dim)
         select_adapter(self.unet, self.adapter)
         if guided:
-            both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond])).sample
+            if condition is not None:
+                condition = torch.cat([condition, condition])
+            both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond]),
+                             timestep_cond=condition).sample
             conditional, unconditional = both.chunk(2)
             prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)
         else:
-            prediction = self.unet(x_t, t, text).sample
+            prediction = self.unet(x_t, t, text, timestep_cond=condition).sample
         x0, eps = self.process.to_x0_eps(prediction.float(), x_t.float(), t)
         return Prediction(x0=x0, eps=eps)
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from stepdistill.diffusion import NoiseProcess
 from stepdistill.models.denoiser import Denoiser, select_adapter
+from stepdistill.models.guidance_embedding import with_guidance_embedding
 
 STUDENT, FAKE_SCORE = "student", "fake_score"
 LORA_TARGET_MODULES = (
@@ -80,9 +81,12 @@ def build_networks(
     lora_rank: int = 16,
     with_discriminator: bool = False,
     with_fake_score: bool = True,
+    guidance_embedding_dim: int | None = None,
 ) -> Networks:
     """Student and (unless ``with_fake_score=False``) fake score initialised from the teacher,
-    full copies or LoRA adapters."""
+    full copies or LoRA adapters; ``guidance_embedding_dim`` gives a full student a guidance-scale input."""
+    if guidance_embedding_dim is not None and use_lora:
+        raise ValueError("a guidance-scale input needs a full-weight student: LoRA cannot add the projection layer")
     teacher_unet.requires_grad_(False).eval()
     adapters = (STUDENT, FAKE_SCORE) if with_fake_score else (STUDENT,)
     if use_lora:
@@ -95,7 +99,9 @@ def build_networks(
         select_adapter(teacher_unet, STUDENT)
         student_unet = fake_unet = teacher_unet
     else:
-        student_unet = copy.deepcopy(teacher_unet).requires_grad_(True).train()
+        student_unet = (copy.deepcopy(teacher_unet) if guidance_embedding_dim is None
+                        else with_guidance_embedding(teacher_unet, guidance_embedding_dim))
+        student_unet.requires_grad_(True).train()
         fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True).train() if with_fake_score else None
     discriminator = None
     if with_discriminator:

@@ -43,8 +43,9 @@ class GaussianTeacher(nn.Module):
     """The exact denoiser of N(MU, S²) data; ``text`` shifts the mean so conditional ≠ unconditional."""
 
     process = PROCESS
+    takes_guidance_scale = False
 
-    def forward(self, x_t, t, text):
+    def forward(self, x_t, t, text, embedded_guidance=None):
         alpha, sigma = PROCESS.alpha(t, x_t), PROCESS.sigma(t, x_t)
         mu = MU + text.reshape(-1, *([1] * (x_t.ndim - 1)))
         x0 = mu + alpha * S**2 * (x_t - alpha * mu) / (alpha**2 * S**2 + sigma**2)
@@ -55,12 +56,13 @@ class ExactConsistencyStudent(nn.Module):
     """The teacher chain's consistency function F(x, g_n) = chain(x, g_n → g_b), written as (f, ε_f)."""
 
     process = PROCESS
+    takes_guidance_scale = False
 
     def __init__(self, teacher: nn.Module, grid: torch.Tensor, steps_per_segment: int) -> None:
         super().__init__()
         self.teacher, self.grid, self.steps_per_segment = teacher, grid, steps_per_segment
 
-    def forward(self, x, t, text):
+    def forward(self, x, t, text, embedded_guidance=None):
         outputs = []
         for x_i, n, text_i in zip(x.split(1), grid_index(t, self.grid).tolist(), text.split(1)):
             b = max(n - 1, 0) // self.steps_per_segment * self.steps_per_segment
@@ -114,7 +116,7 @@ def test_teacher_step_is_diffusers_ddim_step(guidance_scale):
     n = torch.arange(1, 51)
     x_t = torch.randn(50, 4, 3, 3, generator=torch.Generator().manual_seed(1))
     batch = Batch(text=torch.full((50, 1, 1), 0.3), uncond=torch.zeros(50, 1, 1))
-    ours = method.teacher_step(x_t, method.grid[n], method.grid[n - 1], batch)
+    ours = method.teacher_step(x_t, method.grid[n], method.grid[n - 1], batch, torch.full((50,), guidance_scale))
 
     teacher = GaussianTeacher()
     for i, t in enumerate(method.grid[n].tolist()):
@@ -132,12 +134,13 @@ class ToyDenoiser(nn.Module):
     """A small trainable ε-network behind the denoiser contract (``unet`` like the real one)."""
 
     process = PROCESS
+    takes_guidance_scale = False
 
     def __init__(self) -> None:
         super().__init__()
         self.unet = nn.Linear(8, 8)
 
-    def forward(self, x_t, t, text):
+    def forward(self, x_t, t, text, embedded_guidance=None):
         eps = self.unet(x_t) + 0.001 * t.reshape(-1, 1).float()
         x0, eps = PROCESS.to_x0_eps(eps, x_t, t)
         return Prediction(x0=x0, eps=eps)
@@ -190,8 +193,9 @@ def test_consistency_loss_is_positive_away_from_the_fixed_point():
 
     class Perturbed(nn.Module):
         process = PROCESS
+        takes_guidance_scale = False
 
-        def forward(self, x, t, text):
+        def forward(self, x, t, text, embedded_guidance=None):
             prediction = exact(x, t, text)
             f = prediction.x0 + 0.05 * (t > 0).reshape(-1, 1)  # the boundary condition still holds
             return Prediction(x0=f, eps=(x - PROCESS.alpha(t, f) * f) / PROCESS.sigma(t, f))

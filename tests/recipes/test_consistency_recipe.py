@@ -61,6 +61,17 @@ def test_full_weights_with_ema_target_checkpoint_and_resume(consistency, tiny_pi
     assert [row["step"] for row in read_log(tmp_path)] == [1, 2, 3]
 
 
+def test_guidance_embedded_full_student(consistency, tiny_pipeline_dir, tmp_path, shipped_classifier):
+    cfg = smoke_config(consistency, tiny_pipeline_dir, tmp_path, use_lora=False, guidance_embedding=True,
+                       guidance_scale=1.5, guidance_scale_max=3.0, validation_steps=2, num_validation_images=10)
+    consistency.main(cfg)
+    assert "validation/fd_digits" in read_log(tmp_path)[1]
+    assert load_pipeline(tmp_path / "student").unet.config.time_cond_proj_dim == 256
+    assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["guidance_scale"] == 1.5
+    students = [r for r in json.loads((tmp_path / "report.json").read_text())["results"] if r["model"] == "student"]
+    assert [(r["guidance_scale"], r["nfe"]) for r in students] == [(1.5, 1), (1.5, 2)]  # no CFG pass: NFE = steps
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -78,6 +89,7 @@ def test_full_weights_with_ema_target_checkpoint_and_resume(consistency, tiny_pi
         (["--eval_steps", "0,2"], "--eval_steps must be step counts ≥ 1"),
         (["--pretrained_model_name_or_path", "/no/such/teacher"], "cannot read its scheduler config"),
         (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
+        (["--guidance_embedding", "true"], "--guidance_embedding needs --use_lora false"),
     ],
 )
 def test_bad_flags_fail_before_loading(consistency, flags, message, capsys):

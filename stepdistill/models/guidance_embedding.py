@@ -1,0 +1,68 @@
+"""A student that takes the guidance scale as an input (LCM §4.1, "w-conditioned" students).
+
+The UNet's timestep embedding gets a second summand, a linear map of a sinusoidal embedding of the
+guidance scale: diffusers' ``UNet2DConditionModel(time_cond_proj_dim=d)`` adds ``cond_proj(e(w))``
+to the time embedding, and its Stable Diffusion pipelines then skip classifier-free guidance and
+pass e(w) instead, with
+
+    e(w)_i = sin((w − 1)·1000·f_i),  e(w)_{d/2+i} = cos((w − 1)·1000·f_i),  f_i = 10000^(−i / (d/2 − 1))
+
+(diffusers' convention: w = 1 is unguided). The projection starts at zero, so the student starts
+as the teacher whatever w is, and one student samples at any w in the range it was trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+if TYPE_CHECKING:
+    from stepdistill.diffusion import NoiseProcess
+    from stepdistill.models.denoiser import Prediction
+
+LCM_EMBEDDING_DIM = 256
+
+
+def guidance_scale_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """e(w) for per-sample scales ``(B,)`` → ``(B, dim)``, as diffusers' pipelines compute it."""
+    if guidance_scale.ndim != 1:
+        raise ValueError(f"guidance_scale must have shape (B,) (got {tuple(guidance_scale.shape)})")
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))
+    angles = ((guidance_scale.float() - 1) * 1000.0)[:, None] * frequencies.to(guidance_scale.device)[None, :]
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return nn.functional.pad(embedding, (0, dim % 2))
+
+
+def with_guidance_embedding(unet: UNet2DConditionModel, dim: int = LCM_EMBEDDING_DIM) -> UNet2DConditionModel:
+    """A copy of ``unet`` with a guidance-scale input whose projection starts at zero (= ``unet`` at every w)."""
+    if unet.config.time_cond_proj_dim is not None:
+        raise ValueError("this UNet already takes a guidance-scale embedding (time_cond_proj_dim is set)")
+    settings = {k: v for k, v in unet.config.items() if not k.startswith("_")}  # "_use_default_values" would reset it
+    student = UNet2DConditionModel.from_config({**settings, "time_cond_proj_dim": dim})
+    missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+        raise ValueError(f"cannot copy the UNet into one with a guidance embedding (missing {missing}, unexpected {unexpected})")
+    nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(device=unet.device, dtype=unet.dtype)
+
+
+class AtGuidanceScale(nn.Module):
+    """A guidance-embedded student fixed at one scale w: ``model(x_t, t, text)`` as samplers call it."""
+
+    def __init__(self, student: nn.Module, guidance_scale: float) -> None:
+        super().__init__()
+        self.student = student
+        self.guidance_scale = guidance_scale
+
+    @property
+    def process(self) -> NoiseProcess:
+        return self.student.process
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Prediction:
+        scale = torch.full((x_t.shape[0],), self.guidance_scale, device=x_t.device)
+        return self.student(x_t, t, text, embedded_guidance=scale)
