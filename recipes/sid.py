@@ -46,8 +46,10 @@ class SiDConfig(run.RunConfig):
     learning_rate: float = field(3e-5, "student AdamW learning rate")
     critic_learning_rate: float = field(1e-4, "fake score (and discriminator) AdamW learning rate")
     alpha: float = field(methods.sid.SID_ALPHA, "SiD's α: weight of −‖f_teacher − f_fake‖² in the student loss")
-    fake_guidance_scale: float = field(1.0, "the fake score's CFG scale while it is trained (0: text-free)")
-    fake_guidance_scale_generator: float = field(1.0, "the fake score's CFG scale in the student loss (< 0: Anti-CFG)")
+    fake_guidance_scale: float | None = field(None, "the fake score's CFG scale while it is trained (0: text-free; "
+                                                    "default: --guidance_scale, as SiD-LSG)")
+    fake_guidance_scale_generator: float | None = field(None, "the fake score's CFG scale in the student loss "
+                                                              "(< 0: Anti-CFG; default: --guidance_scale)")
     gan_generator_weight: float = field(0.0, "weight of the diffusion-GAN term in the student loss (0: off; needs real images)")
     gan_critic_weight: float = field(0.0, "weight of the diffusion-GAN term in the critic loss (0: off; needs real images)")
     gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this")
@@ -57,7 +59,7 @@ class SiDConfig(run.RunConfig):
         if not self.critic_learning_rate > 0:
             raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
         for name in ("alpha", "fake_guidance_scale", "gan_generator_weight", "gan_critic_weight", "gan_max_timestep"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
         if (self.gan_generator_weight or self.gan_critic_weight) and self.prompts_file:
             raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
@@ -85,8 +87,10 @@ def main(cfg: SiDConfig) -> None:
         latent_shape=teacher.latent_shape,
         alpha=cfg.alpha,
         teacher_guidance_scale=cfg.guidance_scale,
-        fake_guidance_scale=cfg.fake_guidance_scale,
-        fake_guidance_scale_generator=cfg.fake_guidance_scale_generator,
+        fake_guidance_scale=cfg.guidance_scale if cfg.fake_guidance_scale is None else cfg.fake_guidance_scale,
+        fake_guidance_scale_generator=(
+            cfg.guidance_scale if cfg.fake_guidance_scale_generator is None else cfg.fake_guidance_scale_generator
+        ),
         gan_generator_weight=cfg.gan_generator_weight,
         gan_critic_weight=cfg.gan_critic_weight,
         gan_max_timestep=cfg.gan_max_timestep,

@@ -66,6 +66,8 @@ class RunConfig:
     learning_rate: float = field(1e-4, "student AdamW learning rate")
     lr_scheduler: str = field("constant", "learning-rate schedule of every optimiser: constant, linear, cosine, ... (diffusers' names)")
     lr_warmup_steps: int = field(0, "warm-up updates of the schedule")
+    adam_beta1: float = field(0.9, "AdamW β1 of every optimiser (0 is common for adversarial games: SiD, GANs)")
+    adam_beta2: float = field(0.999, "AdamW β2 of every optimiser")
     adam_weight_decay: float = field(0.01, "AdamW weight decay")
     max_grad_norm: float = field(10.0, "gradient-norm clip (0: off)")
     max_consecutive_skips: int = field(10, "stop the run after this many non-finite (skipped) updates in a row")
@@ -111,6 +113,9 @@ class RunConfig:
         schedules = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
         if self.lr_scheduler not in schedules:
             raise ConfigError(f"--lr_scheduler must be one of {', '.join(schedules)} (got {self.lr_scheduler!r})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -253,7 +258,8 @@ def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) ->
     """The loop's settings from the shared flags (the critic learns at ``learning_rate`` unless given)."""
     return TrainerConfig(
         output_dir=cfg.output_dir, max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate,
-        critic_learning_rate=critic_learning_rate or cfg.learning_rate, adam_weight_decay=cfg.adam_weight_decay,
+        critic_learning_rate=critic_learning_rate or cfg.learning_rate, adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2, adam_weight_decay=cfg.adam_weight_decay,
         max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision, lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.lr_warmup_steps,
         ema_decay=cfg.ema_decay, checkpointing_steps=cfg.checkpointing_steps,
