@@ -104,7 +104,7 @@ def main(cfg: ConsistencyConfig) -> None:
     setup = run.set_up(cfg, "consistency")
     if setup is None:  # --dry_run
         return
-    accelerator, teacher, prompts = setup.accelerator, setup.teacher, setup.prompts
+    teacher, prompts = setup.teacher, setup.prompts
 
     # 2. the student starts as the teacher (a LoRA adapter on it, or a full copy, optionally with a
     #    zero-initialised guidance-scale input); no critic
@@ -146,18 +146,13 @@ def main(cfg: ConsistencyConfig) -> None:
         critic_modules=[],
         critic_parameters=[],
         next_batch=setup.next_batch,
-        accelerator=accelerator,
+        accelerator=setup.accelerator,
         validate=run.make_validator(cfg, teacher, sampled, timesteps, prompts),
     )
-    progress = trainer.fit()
-    accelerator.end_training()
+    trainer.fit()
 
     # 5. export for plain diffusers (LCMScheduler at the boundary scaling), then score at 1–8 steps
-    if accelerator.is_main_process:
-        student_dir = run.export_student(cfg, teacher, trainer, nets.student.unet, networks.STUDENT, scheduler,
-                                         sampled_guidance)
-        run.final_report(cfg, teacher, prompts, student_dir, progress.seconds, student_steps=cfg.eval_steps,
-                         student_guidance_scale=sampled_guidance)
+    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT, scheduler, sampled_guidance, cfg.eval_steps)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from accelerate.logging import get_logger
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import networks
-from stepdistill.trainer import Trainer
 
 logger = get_logger(__name__)
 
@@ -71,7 +70,7 @@ def main(cfg: SiDConfig) -> None:
     setup = run.set_up(cfg, "sid")
     if setup is None:  # --dry_run
         return
-    accelerator, teacher, prompts = setup.accelerator, setup.teacher, setup.prompts
+    teacher, prompts = setup.teacher, setup.prompts
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
     with_gan = bool(cfg.gan_generator_weight or cfg.gan_critic_weight)
@@ -97,22 +96,11 @@ def main(cfg: SiDConfig) -> None:
     )
 
     # 4. train: a fake-score update, then a student update, every step; validate now and then
-    trainer = Trainer(
-        run.trainer_config(cfg, critic_learning_rate=cfg.critic_learning_rate),
-        method,
-        next_batch=setup.next_batch,
-        accelerator=accelerator,
-        validate=run.make_validator(cfg, teacher, nets.student, method.student_timesteps, prompts),
-        **run.fake_score_parameters(nets),
-    )
-    progress = trainer.fit()
-    accelerator.end_training()
+    trainer = run.fake_score_trainer(cfg, setup, nets, method, cfg.critic_learning_rate)
+    trainer.fit()
 
     # 5. export for plain diffusers (EMA weights if kept), then score the export
-    if accelerator.is_main_process:
-        student_dir = run.export_student(cfg, teacher, trainer, nets.student.unet, networks.STUDENT)
-        run.final_report(cfg, teacher, prompts, student_dir, progress.seconds)
-
+    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT)
 
 if __name__ == "__main__":
     run.command_line(SiDConfig, main, prog="recipes/sid.py")

@@ -244,16 +244,6 @@ def enable_gradient_checkpointing(cfg: RunConfig, nets: Networks) -> None:
             unet.enable_gradient_checkpointing()
 
 
-def fake_score_parameters(nets: Networks) -> dict:
-    """The trainer's modules and parameters for a student against a fake score (and discriminator)."""
-    return dict(
-        generator_modules=[nets.student.unet],
-        generator_parameters=nets.generator_parameters(),
-        critic_modules=[m for m in (nets.fake_score.unet, nets.discriminator) if m is not None],
-        critic_parameters=nets.critic_parameters(),
-    )
-
-
 def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) -> TrainerConfig:
     """The loop's settings from the shared flags (the critic learns at ``learning_rate`` unless given)."""
     return TrainerConfig(
@@ -279,6 +269,34 @@ def make_validator(
                                 cfg.output_dir, evaluator=DigitsEvaluator(), seed=cfg.seed)
     return StudentValidator(teacher, student, timesteps, prompts[: min(16, cfg.num_validation_images)], cfg.output_dir,
                             seed=cfg.seed)
+
+
+def fake_score_trainer(cfg: RunConfig, setup: Setup, nets: Networks, method, critic_learning_rate: float) -> Trainer:
+    """The trainer of a student against a fake score (and discriminator), validating the student: DMD2, SiD."""
+    return Trainer(
+        trainer_config(cfg, critic_learning_rate=critic_learning_rate),
+        method,
+        generator_modules=[nets.student.unet],
+        generator_parameters=nets.generator_parameters(),
+        critic_modules=[m for m in (nets.fake_score.unet, nets.discriminator) if m is not None],
+        critic_parameters=nets.critic_parameters(),
+        next_batch=setup.next_batch,
+        accelerator=setup.accelerator,
+        validate=make_validator(cfg, setup.teacher, nets.student, method.student_timesteps, setup.prompts),
+    )
+
+
+def finish(
+    cfg: RunConfig, setup: Setup, trainer: Trainer, student_unet: nn.Module, adapter: str | None,
+    scheduler: LCMScheduler | None = None, guidance_scale: float = 1.0, student_steps: tuple[int, ...] = (),
+) -> None:
+    """After training: end the trackers; on the main process export the student and score the export
+    (:func:`export_student`, :func:`final_report`)."""
+    setup.accelerator.end_training()
+    if setup.accelerator.is_main_process:
+        student_dir = export_student(cfg, setup.teacher, trainer, student_unet, adapter, scheduler, guidance_scale)
+        final_report(cfg, setup.teacher, setup.prompts, student_dir, trainer.progress.seconds, student_steps,
+                     guidance_scale)
 
 
 def export_student(
