@@ -28,7 +28,7 @@ from stepdistill import export
 from stepdistill.assets import DIGITS_TEACHER
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits, prompts as user_data
-from stepdistill.evaluation import report
+from stepdistill.evaluation import plots, report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.grid import save_grid
 from stepdistill.evaluation.sampling import generate
@@ -326,7 +326,8 @@ def final_report(
     """Score the exported student (as plain diffusers loads it) and the teacher on the same noise.
 
     On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
-    and for the teacher, in ``report.json`` and grids; otherwise a grid of the first 16 training prompts.
+    and for the teacher, in ``report.json`` and grids, and ``validation_curve.png`` (the validations'
+    FD-digits against steps); otherwise a grid of the first 16 training prompts.
     Students sample at ``student_guidance_scale`` (1: distilled in; else a guidance-scale input's value).
     """
     if cfg.eval_num_samples == 0:
@@ -353,6 +354,9 @@ def final_report(
     report.write_report(
         results, output_dir / "report.json", real_vs_real_fd_digits=floor, training_seconds=training_seconds, config=vars(cfg)
     )
+    teacher_fd = next((r.fd_digits for r in results if r.model == "teacher"), None)
+    plots.plot_validation_curve(output_dir / "train_log.jsonl", output_dir / "validation_curve.png", teacher_fd, floor,
+                                label=f"student, {cfg.num_student_steps} step{'s' if cfg.num_student_steps > 1 else ''}")
     print(report.markdown_table(results))
     print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
     return {"results": results, "floor": floor}

@@ -31,6 +31,7 @@ def test_two_steps_then_export_and_report(dmd2, tiny_pipeline_dir, tmp_path, use
     assert [row["step"] for row in log] == [1, 2]
     assert all("critic/gan_critic" in row and "generator/dmd" in row for row in log)
     assert "validation/fd_digits" in log[1] and (tmp_path / "validation" / "step-2.png").is_file()
+    assert (tmp_path / "validation_curve.png").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     models = {(r["model"], r["num_inference_steps"]) for r in report["results"]}
     assert models == {("student", 1), ("teacher", 2)}
