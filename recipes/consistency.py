@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffusers import DDIMScheduler
-
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import guidance_embedding, networks
@@ -82,14 +80,9 @@ class ConsistencyConfig(run.RunConfig):
 
     def _validate_grid(self) -> None:
         """The checks that need the teacher's T, read from its scheduler config (no model is loaded)."""
+        num_train_timesteps = self.teacher_scheduler_config()["num_train_timesteps"]
         try:
-            scheduler_config = DDIMScheduler.load_config(self.pretrained_model_name_or_path, subfolder="scheduler",
-                                                          revision=self.revision)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"--pretrained_model_name_or_path {self.pretrained_model_name_or_path}: cannot read its "
-                              f"scheduler config ({str(error).strip().splitlines()[0]})") from None
-        try:
-            grid = methods.consistency.solver_grid(scheduler_config["num_train_timesteps"], self.skipping_interval)
+            grid = methods.consistency.solver_grid(num_train_timesteps, self.skipping_interval)
             methods.consistency.segment_length(len(grid) - 1, self.num_segments)
         except ValueError as error:
             raise ConfigError(f"--{error}") from None

@@ -33,17 +33,15 @@ logger = get_logger(__name__)
 
 
 @dataclass
-class DMD2Config(run.RunConfig):
+class DMD2Config(run.FakeScoreConfig):
     """Distil a text-to-image diffusion model with DMD2 (distribution matching + GAN + TTUR)."""
 
     output_dir: str = field("outputs/dmd2", "where checkpoints, the student and report.json go")
     max_train_steps: int = field(200, "student (generator) updates")
     learning_rate: float = field(3e-5, "student AdamW learning rate (its 1-step output moves ~15x its ε at t = 999)")
     critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR)")
-    critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate")
     gan_generator_weight: float = field(3e-3, "weight of the GAN term in the student loss (0: off; needs real images)")
     gan_critic_weight: float = field(1e-2, "weight of the GAN term in the critic loss (0: off; needs real images)")
-    gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
     regression_weight: float = field(0.0, "DMD1 regression loss weight (latent MSE to teacher ODE outputs; 0: off)")
     num_regression_pairs: int = field(256, "noise/teacher-output pairs made at start when regression_weight > 0")
 
@@ -52,11 +50,8 @@ class DMD2Config(run.RunConfig):
         for name in ("critic_steps_per_generator_step", "num_regression_pairs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
-        if not self.critic_learning_rate > 0:
-            raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
-        for name in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "gan_max_timestep"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
+        if self.regression_weight < 0:
+            raise ConfigError(f"--regression_weight must be ≥ 0 (got {self.regression_weight})")
 
 
 def regression_pairs(teacher: Teacher, prompts: list[str], cfg: DMD2Config):
@@ -91,7 +86,7 @@ def main(cfg: DMD2Config) -> None:
     run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: DMD2's losses on the student's timesteps, read off the exported scheduler
-    scheduler = export.student_scheduler(teacher.pipeline.scheduler)
+    scheduler = cfg.student_scheduler(teacher)
     method = methods.DMD2(
         nets=nets,
         process=teacher.process,
@@ -111,7 +106,7 @@ def main(cfg: DMD2Config) -> None:
     trainer.fit()
 
     # 5. export for plain diffusers (EMA weights if kept), then score the export
-    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT)
+    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT, scheduler)
 
 if __name__ == "__main__":
     run.command_line(DMD2Config, main, prog="recipes/dmd2.py")

@@ -27,42 +27,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from accelerate.logging import get_logger
-
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import networks
 
-logger = get_logger(__name__)
-
 
 @dataclass
-class SiDConfig(run.RunConfig):
+class SiDConfig(run.FakeScoreConfig):
     """Distil a text-to-image diffusion model with Score identity Distillation (SiD, SiD-LSG, few-step SiD)."""
 
     output_dir: str = field("outputs/sid", "where checkpoints, the student and report.json go")
     max_train_steps: int = field(400, "student updates (one fake-score update each)")
     learning_rate: float = field(3e-5, "student AdamW learning rate")
-    critic_learning_rate: float = field(1e-4, "fake score (and discriminator) AdamW learning rate")
     alpha: float = field(methods.sid.SID_ALPHA, "SiD's α: weight of −‖f_teacher − f_fake‖² in the student loss")
     fake_guidance_scale: float | None = field(None, "the fake score's CFG scale while it is trained (0: text-free; "
                                                     "default: --guidance_scale, as SiD-LSG)")
     fake_guidance_scale_generator: float | None = field(None, "the fake score's CFG scale in the student loss "
                                                               "(< 0: Anti-CFG; default: --guidance_scale)")
-    gan_generator_weight: float = field(0.0, "weight of the diffusion-GAN term in the student loss (0: off; needs real images)")
-    gan_critic_weight: float = field(0.0, "weight of the diffusion-GAN term in the critic loss (0: off; needs real images)")
-    gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this")
 
     def validate(self) -> None:
         super().validate()
-        if not self.critic_learning_rate > 0:
-            raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
-        for name in ("alpha", "fake_guidance_scale", "gan_generator_weight", "gan_critic_weight", "gan_max_timestep"):
+        for name in ("alpha", "fake_guidance_scale"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
-        if (self.gan_generator_weight or self.gan_critic_weight) and self.prompts_file:
-            raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
-                              "or leave the GAN weights at 0")
 
 
 def main(cfg: SiDConfig) -> None:
@@ -78,7 +65,7 @@ def main(cfg: SiDConfig) -> None:
     run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: SiD's loss on the student's timesteps, read off the exported scheduler
-    scheduler = export.student_scheduler(teacher.pipeline.scheduler)
+    scheduler = cfg.student_scheduler(teacher)
     method = methods.SiD(
         nets=nets,
         process=teacher.process,
@@ -100,7 +87,7 @@ def main(cfg: SiDConfig) -> None:
     trainer.fit()
 
     # 5. export for plain diffusers (EMA weights if kept), then score the export
-    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT)
+    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT, scheduler)
 
 if __name__ == "__main__":
     run.command_line(SiDConfig, main, prog="recipes/sid.py")

@@ -35,17 +35,33 @@ TIMESTEP_SCALING = 1e4
 
 
 def student_scheduler(
-    teacher_scheduler, timestep_scaling: float = TIMESTEP_SCALING, original_inference_steps: int = 50
+    teacher_scheduler,
+    timestep_scaling: float = TIMESTEP_SCALING,
+    original_inference_steps: int = 50,
+    first_timestep: int | None = None,
 ) -> LCMScheduler:
     """An ``LCMScheduler`` on the teacher's noise schedule that samples the student exactly.
 
     ``timestep_scaling``: 1e4 switches the boundary mix off (DMD students), 10 is LCM's consistency
     function; ``original_inference_steps`` N puts N-step sampling on the grid t = k·n − 1, k = T / N.
+
+    ``first_timestep`` t₀ < T − 1: a student that starts from pure noise at t₀ (SiD's "initial
+    timestep"). LCMScheduler always starts at its last training timestep, so the exported schedule
+    is the teacher's truncated there: the teacher's first t₀ + 1 betas, every timestep on the grid
+    (then 1 step visits t₀, 4 steps t₀ and three more spread below it). The ᾱ_t the student sees are
+    the teacher's, unchanged.
     """
-    return LCMScheduler.from_config(
-        teacher_scheduler.config, timestep_scaling=timestep_scaling, clip_sample=False, thresholding=False,
-        set_alpha_to_one=True, timestep_spacing="trailing", original_inference_steps=original_inference_steps,
+    settings = dict(
+        timestep_scaling=timestep_scaling, clip_sample=False, thresholding=False, set_alpha_to_one=True,
+        timestep_spacing="trailing", original_inference_steps=original_inference_steps,
     )
+    last = teacher_scheduler.config.num_train_timesteps - 1
+    if first_timestep is not None and first_timestep != last:
+        if not 0 < first_timestep < last:
+            raise ValueError(f"first_timestep must be in [1, {last}] (got {first_timestep})")
+        betas = teacher_scheduler.betas[: first_timestep + 1].tolist()
+        settings.update(trained_betas=betas, num_train_timesteps=len(betas), original_inference_steps=len(betas))
+    return LCMScheduler.from_config(teacher_scheduler.config, **settings)
 
 
 def student_timesteps(scheduler: LCMScheduler, num_steps: int) -> tuple[int, ...]:

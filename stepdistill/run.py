@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType, set_seed
+from diffusers import DDIMScheduler, LCMScheduler
 from diffusers.optimization import SchedulerType
 from torch import nn
 
@@ -135,10 +136,50 @@ class RunConfig:
         if self.resume_from_checkpoint:
             find_checkpoint(self.output_dir, self.resume_from_checkpoint)
 
+    def teacher_scheduler_config(self) -> dict:
+        """The teacher's scheduler config, read without loading a model (for checks that need its T)."""
+        try:
+            return DDIMScheduler.load_config(self.pretrained_model_name_or_path, subfolder="scheduler", revision=self.revision)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--pretrained_model_name_or_path {self.pretrained_model_name_or_path}: cannot read its "
+                              f"scheduler config ({str(error).strip().splitlines()[0]})") from None
+
     @property
     def uses_digits(self) -> bool:
         """Whether the run trains on the embedded digits data (and so can be scored offline)."""
         return not (self.prompts_file or self.train_data_dir)
+
+
+@dataclass
+class FakeScoreConfig(RunConfig):
+    """Flags shared by the methods that train a fake score against the student (DMD2, SiD)."""
+
+    critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate")
+    conditioning_timestep: int | None = field(None, "timestep of the student's first step from pure noise (default: "
+                                                    "the teacher's last, 999; SiD uses 625); the export samples there")
+    gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)")
+    gan_critic_weight: float = field(0.0, "weight of the GAN term in the critic loss (0: off; needs real images)")
+    gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.critic_learning_rate > 0:
+            raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
+        for name in ("gan_generator_weight", "gan_critic_weight", "gan_max_timestep"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
+        if (self.gan_generator_weight or self.gan_critic_weight) and self.prompts_file:
+            raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
+                              "or set the GAN weights to 0")
+        if self.conditioning_timestep is not None:
+            last = self.teacher_scheduler_config()["num_train_timesteps"] - 1
+            if not 1 <= self.conditioning_timestep <= last:
+                raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
+                                  f"(got {self.conditioning_timestep})")
+
+    def student_scheduler(self, teacher: Teacher) -> LCMScheduler:
+        """The exported scheduler; the student's timesteps are read off it (training and sampling agree)."""
+        return export.student_scheduler(teacher.pipeline.scheduler, first_timestep=self.conditioning_timestep)
 
 
 def command_line(config_cls: type, main: Callable, prog: str) -> None:

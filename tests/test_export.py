@@ -14,14 +14,16 @@ from stepdistill.models.loading import load_pipeline
 from export_checks import PROMPTS, diffusers_samples, perturbed_networks, trainer_samples
 
 
-@pytest.mark.parametrize("num_steps", [1, 2])
-def test_full_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, num_steps):
+@pytest.mark.parametrize("num_steps, first_timestep", [(1, None), (2, None), (1, 625), (2, 625)])
+def test_full_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, num_steps, first_timestep):
     teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=False)
-    export.export_full(teacher.pipeline, nets.student.unet, tmp_path, num_steps)
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, first_timestep=first_timestep)
+    export.export_full(teacher.pipeline, nets.student.unet, tmp_path, num_steps, scheduler)
     pipe = load_pipeline(tmp_path)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
-    assert json.loads((tmp_path / "stepdistill_student.json").read_text())["num_inference_steps"] == num_steps
-    expected = trainer_samples(teacher, nets.student, export.student_scheduler(teacher.pipeline.scheduler), num_steps)
+    metadata = json.loads((tmp_path / "stepdistill_student.json").read_text())
+    assert metadata["num_inference_steps"] == num_steps and metadata["timesteps"][0] == (first_timestep or 999)
+    expected = trainer_samples(teacher, nets.student, scheduler, num_steps)
     torch.testing.assert_close(diffusers_samples(pipe, teacher, num_steps), expected, rtol=1e-5, atol=1e-5)
     # and it really is the student, not the teacher
     assert not torch.allclose(diffusers_samples(teacher.pipeline, teacher, num_steps), expected, atol=1e-3)
@@ -63,6 +65,19 @@ def test_student_timesteps():
     assert export.student_timesteps(scheduler, 4) == (999, 759, 499, 259)
     with pytest.raises(ValueError, match="≥ 1"):
         export.student_timesteps(scheduler, 0)
+
+
+def test_a_student_that_starts_below_the_last_timestep_keeps_the_teachers_noise_levels():
+    from diffusers import DDPMScheduler
+
+    teacher = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = export.student_scheduler(teacher, first_timestep=625)
+    assert export.student_timesteps(scheduler, 1) == (625,)
+    assert export.student_timesteps(scheduler, 4) == (625, 469, 312, 156)
+    torch.testing.assert_close(scheduler.alphas_cumprod, teacher.alphas_cumprod[:626], rtol=0, atol=0)
+    assert export.student_scheduler(teacher, first_timestep=999).config.num_train_timesteps == 1000
+    with pytest.raises(ValueError, match="first_timestep"):
+        export.student_scheduler(teacher, first_timestep=1000)
 
 
 def test_lora_critic_update_trains_the_fake_score_adapter(tiny_pipeline_dir):

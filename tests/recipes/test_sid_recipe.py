@@ -41,12 +41,13 @@ def test_two_steps_then_export_and_report(sid, tiny_pipeline_dir, tmp_path, use_
         assert type(load_pipeline(student).scheduler).__name__ == "LCMScheduler"
 
 
-def test_few_step_student_with_the_gan_term(sid, tiny_pipeline_dir, tmp_path):
+def test_few_step_student_from_an_initial_timestep_with_the_gan_term(sid, tiny_pipeline_dir, tmp_path):
     cfg = smoke_config(sid, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.01,
-                       gan_critic_weight=0.01, eval_num_samples=0)
+                       gan_critic_weight=0.01, eval_num_samples=0, conditioning_timestep=625)
     sid.main(cfg)
     assert all("critic/gan_critic" in row and "generator/gan_generator" in row for row in read_log(tmp_path))
-    assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["timesteps"] == [999, 499]
+    assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["timesteps"] == [625, 312]
+    assert load_pipeline(tmp_path / "student").scheduler.config.num_train_timesteps == 626
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,7 @@ def test_few_step_student_with_the_gan_term(sid, tiny_pipeline_dir, tmp_path):
         (["--critic_learning_rate", "0"], "--critic_learning_rate must be > 0"),
         (["--gan_generator_weight", "0.1", "--prompts_file", "README.md"], "the GAN term needs real images"),
         (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
+        (["--conditioning_timestep", "1000"], "--conditioning_timestep must be in [1, 999]"),
     ],
 )
 def test_bad_flags_fail_before_loading(sid, flags, message, capsys):
