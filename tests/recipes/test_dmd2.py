@@ -42,6 +42,7 @@ def test_two_steps_then_export_and_report(dmd2, tiny_pipeline_dir, tmp_path, use
                         Scorers(digits=DigitsEvaluator()), seed=cfg.seed)[0]
     assert teacher_row["fd_digits"] == pytest.approx(expected.fd_digits, rel=1e-5)
     student = tmp_path / "student"
+    assert json.loads((student / "stepdistill_student.json").read_text())["timesteps"] == [625]  # the default t0
     if use_lora:
         assert (student / "pytorch_lora_weights.safetensors").is_file()
     else:
@@ -50,14 +51,15 @@ def test_two_steps_then_export_and_report(dmd2, tiny_pipeline_dir, tmp_path, use
 
 def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tmp_path, shipped_classifier):
     cfg = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.0,
-                       gan_critic_weight=0.0, checkpointing_steps=1)
+                       gan_critic_weight=0.0, checkpointing_steps=1, conditioning_timestep=999)
     dmd2.main(cfg)
     report = json.loads((tmp_path / "report.json").read_text())
     assert {(r["model"], r["num_inference_steps"]) for r in report["results"]} >= {("student", 1), ("student", 2)}
     assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["timesteps"] == [999, 499]
     # resume from the last checkpoint and train two more steps
     resumed = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.0,
-                           gan_critic_weight=0.0, max_train_steps=4, resume_from_checkpoint="latest")
+                           gan_critic_weight=0.0, max_train_steps=4, resume_from_checkpoint="latest",
+                           conditioning_timestep=999)
     dmd2.main(resumed)
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -90,6 +92,8 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
         (["--no_such_flag", "1"], "unrecognized arguments"),
         (["--lr_scheduler", "exponential"], "--lr_scheduler must be one of"),
         (["--max_consecutive_skips", "0"], "--max_consecutive_skips must be ≥ 1"),
+        (["--conditioning_timestep", "0"], "--conditioning_timestep must be in [1, 999]"),
+        (["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),
     ],
 )
 def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):
