@@ -39,8 +39,6 @@ class DMD2Config(run.FakeScoreConfig):
     """Distil a text-to-image diffusion model with DMD2 (distribution matching + GAN + TTUR)."""
 
     output_dir: str = field("outputs/dmd2", "where checkpoints, the student and report.json go")
-    conditioning_timestep: int | None = field(625, "timestep of the student's first step from pure noise (SiD's 625; "
-                                                   "999 is DMD2's); the export samples there")
     max_train_steps: int = field(200, "student (generator) updates")
     learning_rate: float = field(3e-5, "student AdamW learning rate")
     critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR)")

@@ -37,8 +37,6 @@ class SiDConfig(run.FakeScoreConfig):
     """Distil a text-to-image diffusion model with Score identity Distillation (SiD, SiD-LSG, few-step SiD)."""
 
     output_dir: str = field("outputs/sid", "where checkpoints, the student and report.json go")
-    conditioning_timestep: int | None = field(625, "timestep of the student's first step from pure noise (SiD's 625; "
-                                                   "999 is DMD2's); the export samples there")
     max_train_steps: int = field(400, "student updates (one fake-score update each)")
     learning_rate: float = field(3e-5, "student AdamW learning rate")
     alpha: float = field(methods.sid.SID_ALPHA, "SiD's α: weight of −‖f_teacher − f_fake‖² in the student loss")

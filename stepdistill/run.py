@@ -36,7 +36,7 @@ from stepdistill.evaluation.sampling import generate
 from stepdistill.evaluation.validation import StudentModel, StudentValidator
 from stepdistill.methods.base import Batch
 from stepdistill.models.denoiser import select_adapter
-from stepdistill.models.loading import PipelineError, load_pipeline
+from stepdistill.models.loading import PipelineError, load_pipeline, require_pipeline_location
 from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.trainer import (
@@ -139,6 +139,10 @@ class RunConfig:
     def teacher_scheduler_config(self) -> dict:
         """The teacher's scheduler config, read without loading a model (for checks that need its T)."""
         try:
+            require_pipeline_location(self.pretrained_model_name_or_path)
+        except PipelineError as error:
+            raise ConfigError(f"--pretrained_model_name_or_path: {error}") from None
+        try:
             return DDIMScheduler.load_config(self.pretrained_model_name_or_path, subfolder="scheduler", revision=self.revision)
         except (OSError, ValueError) as error:
             raise ConfigError(f"--pretrained_model_name_or_path {self.pretrained_model_name_or_path}: cannot read its "
@@ -155,8 +159,8 @@ class FakeScoreConfig(RunConfig):
     """Flags shared by the methods that train a fake score against the student (DMD2, SiD)."""
 
     critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate")
-    conditioning_timestep: int | None = field(None, "timestep of the student's first step from pure noise (default: "
-                                                    "the teacher's last, 999; SiD uses 625); the export samples there")
+    conditioning_timestep: int = field(625, "timestep of the student's first step from pure noise (SiD's 625; the DMD2 "
+                                            "paper's is 999); the export samples there")
     gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)")
     gan_critic_weight: float = field(0.0, "weight of the GAN term in the critic loss (0: off; needs real images)")
     gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
@@ -171,11 +175,10 @@ class FakeScoreConfig(RunConfig):
         if (self.gan_generator_weight or self.gan_critic_weight) and self.prompts_file:
             raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
                               "or set the GAN weights to 0")
-        if self.conditioning_timestep is not None:
-            last = self.teacher_scheduler_config()["num_train_timesteps"] - 1
-            if not 1 <= self.conditioning_timestep <= last:
-                raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
-                                  f"(got {self.conditioning_timestep})")
+        last = self.teacher_scheduler_config()["num_train_timesteps"] - 1
+        if not 1 <= self.conditioning_timestep <= last:
+            raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
+                              f"(got {self.conditioning_timestep})")
 
     def student_scheduler(self, teacher: Teacher) -> LCMScheduler:
         """The exported scheduler; the student's timesteps are read off it (training and sampling agree)."""

@@ -23,13 +23,9 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def load_pipeline(
-    name_or_path: str | Path,
-    revision: str | None = None,
-    variant: str | None = None,
-    torch_dtype: torch.dtype | None = None,
-) -> DiffusionPipeline:
-    """Load a text-to-image pipeline (it must have a text encoder and a UNet or transformer)."""
+def require_pipeline_location(name_or_path: str | Path) -> None:
+    """Refuse what cannot be a pipeline before anything is read: a missing path that is no hub id, or
+    a folder without ``model_index.json``."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.exists():
@@ -38,10 +34,22 @@ def load_pipeline(
                 f"{path} is not a diffusers pipeline folder (no model_index.json); "
                 "give a folder written by `pipe.save_pretrained(...)` or a hub id"
             )
-        diffusers_logging.disable_progress_bar()  # local folders load in a blink: no bars
-        transformers_logging.disable_progress_bar()
     elif not _looks_like_hub_id(name):
         raise PipelineError(f"no pipeline at {name}: the path does not exist and is not a hub id like 'owner/model'")
+
+
+def load_pipeline(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> DiffusionPipeline:
+    """Load a text-to-image pipeline (it must have a text encoder and a UNet or transformer)."""
+    name = str(name_or_path)
+    require_pipeline_location(name)
+    if Path(name).expanduser().exists():
+        diffusers_logging.disable_progress_bar()  # local folders load in a blink: no bars
+        transformers_logging.disable_progress_bar()
     try:
         index = DiffusionPipeline.load_config(name, revision=revision)
         extra = {"safety_checker": None} if "safety_checker" in index else {}

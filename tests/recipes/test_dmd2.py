@@ -8,6 +8,7 @@ import pytest
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from stepdistill import config as configs
+from stepdistill.config import ConfigError
 from stepdistill.data import digits
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.report import Scorers, evaluate
@@ -126,7 +127,7 @@ def test_a_diverged_run_stops_with_one_message_and_keeps_its_checkpoint(
 
 
 def test_bad_teachers_are_refused_before_training(dmd2, tmp_path):
-    with pytest.raises(PipelineError, match="no pipeline at"):
+    with pytest.raises(ConfigError, match="--pretrained_model_name_or_path: no pipeline at"):
         dmd2.main(smoke_config(dmd2, tmp_path / "missing", tmp_path / "out"))
     unconditional = tmp_path / "ddpm"
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
