@@ -24,14 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from accelerate.logging import get_logger
 
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import networks
 from stepdistill.models.teacher import Teacher
-
-logger = get_logger(__name__)
 
 
 @dataclass
@@ -77,14 +74,12 @@ def main(cfg: DMD2Config) -> None:
     setup = run.set_up(cfg, "dmd2")
     if setup is None:  # --dry_run
         return
-    teacher, prompts, real_latents = setup.teacher, setup.prompts, setup.real_latents
+    teacher, prompts = setup.teacher, setup.prompts
 
-    # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
-    wants_gan = cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0
-    with_gan = wants_gan and real_latents is not None
-    if wants_gan and not with_gan:
-        logger.warning("no real images (--train_data_dir), so the GAN term is off; distribution matching only")
-    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_discriminator=with_gan)
+    # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it), and
+    #    the GAN head on the fake score's features when real images are given (the digits by default)
+    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank,
+                                   with_discriminator=cfg.uses_gan)
     run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: DMD2's losses on the student's timesteps, read off the exported scheduler
@@ -96,8 +91,8 @@ def main(cfg: DMD2Config) -> None:
         latent_shape=teacher.latent_shape,
         guidance_scale=cfg.guidance_scale,
         critic_steps_per_generator_step=cfg.critic_steps_per_generator_step,
-        gan_generator_weight=cfg.gan_generator_weight if with_gan else 0.0,
-        gan_critic_weight=cfg.gan_critic_weight if with_gan else 0.0,
+        gan_generator_weight=cfg.gan_generator_weight,
+        gan_critic_weight=cfg.gan_critic_weight,
         gan_max_timestep=cfg.gan_max_timestep,
         regression_weight=cfg.regression_weight,
         regression_pairs=regression_pairs(teacher, prompts, cfg) if cfg.regression_weight else None,

@@ -60,8 +60,8 @@ def main(cfg: SiDConfig) -> None:
     teacher, prompts = setup.teacher, setup.prompts
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
-    with_gan = bool(cfg.gan_generator_weight or cfg.gan_critic_weight)
-    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_discriminator=with_gan)
+    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank,
+                                   with_discriminator=cfg.uses_gan)
     run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: SiD's loss on the student's timesteps, read off the exported scheduler

@@ -172,13 +172,18 @@ class FakeScoreConfig(RunConfig):
         for name in ("gan_generator_weight", "gan_critic_weight", "gan_max_timestep"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
-        if (self.gan_generator_weight or self.gan_critic_weight) and self.prompts_file:
+        if self.uses_gan and self.prompts_file:
             raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
                               "or set the GAN weights to 0")
         last = self.teacher_scheduler_config()["num_train_timesteps"] - 1
         if not 1 <= self.conditioning_timestep <= last:
             raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
                               f"(got {self.conditioning_timestep})")
+
+    @property
+    def uses_gan(self) -> bool:
+        """Whether the diffusion-GAN term is on (its real images are then guaranteed by :meth:`validate`)."""
+        return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
 
     def student_scheduler(self, teacher: Teacher) -> LCMScheduler:
         """The exported scheduler; the student's timesteps are read off it (training and sampling agree)."""
