@@ -3,7 +3,8 @@
     accelerate launch recipes/dmd2.py                                  # the shipped digits teacher, offline
     accelerate launch recipes/dmd2.py --num_student_steps 4 --use_lora true
     accelerate launch recipes/dmd2.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --prompts_file prompts.txt --guidance_scale 8 --learning_rate 1e-5 --mixed_precision bf16
+        --prompts_file prompts.txt --gan_generator_weight 0 --gan_critic_weight 0 --guidance_scale 8 \
+        --learning_rate 1e-5 --mixed_precision bf16
 
 Paper: "Improved Distribution Matching Distillation for Fast Image Synthesis" (Yin et al., 2024).
 The student reads pure noise as the noisy sample of timestep t0 (``--conditioning_timestep``: 625 by

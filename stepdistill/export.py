@@ -59,8 +59,9 @@ def student_scheduler(
     if first_timestep is not None and first_timestep != last:
         if not 0 < first_timestep < last:
             raise ValueError(f"first_timestep must be in [1, {last}] (got {first_timestep})")
-        betas = teacher_scheduler.betas[: first_timestep + 1].tolist()
-        settings.update(trained_betas=betas, num_train_timesteps=len(betas), original_inference_steps=len(betas))
+        betas = teacher_scheduler.betas[: first_timestep + 1].tolist()  # already zero-SNR-rescaled if the teacher is
+        settings.update(trained_betas=betas, num_train_timesteps=len(betas), original_inference_steps=len(betas),
+                        rescale_betas_zero_snr=False)
     return LCMScheduler.from_config(teacher_scheduler.config, **settings)
 
 

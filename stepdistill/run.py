@@ -179,6 +179,8 @@ class FakeScoreConfig(RunConfig):
         if not 1 <= self.conditioning_timestep <= last:
             raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
                               f"(got {self.conditioning_timestep})")
+        if self.gan_max_timestep > last:
+            raise ConfigError(f"--gan_max_timestep must be ≤ {last}, the teacher's last timestep (got {self.gan_max_timestep})")
 
     @property
     def uses_gan(self) -> bool:
@@ -404,8 +406,11 @@ def final_report(
         results, output_dir / "report.json", real_vs_real_fd_digits=floor, training_seconds=training_seconds, config=vars(cfg)
     )
     teacher_fd = next((r.fd_digits for r in results if r.model == "teacher"), None)
-    plots.plot_validation_curve(output_dir / "train_log.jsonl", output_dir / "validation_curve.png", teacher_fd, floor,
-                                label=f"student, {cfg.num_student_steps} step{'s' if cfg.num_student_steps > 1 else ''}")
+    plots.plot_validation_curve(
+        output_dir / "train_log.jsonl", output_dir / "validation_curve.png", teacher_fd, floor,
+        label=f"student, {cfg.num_student_steps} step{'s' if cfg.num_student_steps > 1 else ''}",
+        teacher_label=f"teacher, {cfg.teacher_eval_steps} steps", num_samples=cfg.num_validation_images,
+    )
     print(report.markdown_table(results))
     print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
     return {"results": results, "floor": floor}

@@ -76,6 +76,9 @@ def test_a_student_that_starts_below_the_last_timestep_keeps_the_teachers_noise_
     assert export.student_timesteps(scheduler, 4) == (625, 469, 312, 156)
     torch.testing.assert_close(scheduler.alphas_cumprod, teacher.alphas_cumprod[:626], rtol=0, atol=0)
     assert export.student_scheduler(teacher, first_timestep=999).config.num_train_timesteps == 1000
+    zero_snr = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    truncated = export.student_scheduler(zero_snr, first_timestep=625)
+    torch.testing.assert_close(truncated.alphas_cumprod, zero_snr.alphas_cumprod[:626])  # not rescaled twice
     with pytest.raises(ValueError, match="first_timestep"):
         export.student_scheduler(teacher, first_timestep=1000)
 

@@ -19,7 +19,7 @@ def validation_curve(train_log: str | Path) -> list[tuple[int, float, float]]:
 
 def plot_validation_curve(
     train_log: str | Path, path: str | Path, teacher_fd: float | None = None, floor: float | None = None,
-    label: str = "student",
+    label: str = "student", teacher_label: str = "teacher", num_samples: int | None = None,
 ) -> Path | None:
     """FD-digits of the validated student against training steps, log scale (an exponential drop is a
     straight line), with the teacher's and the real-vs-real levels when given; ``None`` without validations."""
@@ -29,10 +29,11 @@ def plot_validation_curve(
     steps, _, fds = zip(*curve)
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
     axes.plot(steps, fds, marker="o", label=label)
-    for level, name, style in ((teacher_fd, "teacher, 50 steps", "--"), (floor, "real vs real", ":")):
+    for level, name, style in ((teacher_fd, teacher_label, "--"), (floor, "real vs real", ":")):
         if level is not None:
             axes.axhline(level, linestyle=style, color="grey", label=name)
-    axes.set(xlabel="training step", ylabel="FD-digits (1,000 samples)", yscale="log")
+    ylabel = "FD-digits" if num_samples is None else f"FD-digits ({num_samples:,} samples)"
+    axes.set(xlabel="training step", ylabel=ylabel, yscale="log")
     axes.legend()
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()

@@ -69,9 +69,8 @@ class SiD(FakeScoreDistillation):
         super().__post_init__()
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be ≥ 0 (got {self.alpha})")
-        for name in ("teacher_guidance_scale", "fake_guidance_scale_generator"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
+        if self.teacher_guidance_scale < 0:  # the fake score's scale in the student loss may be < 0 (Anti-CFG)
+            raise ValueError(f"teacher_guidance_scale must be ≥ 0 (got {self.teacher_guidance_scale})")
 
     def generator_loss(self, batch: Batch) -> Losses:
         # 1. x_g from the student (backward simulation for few-step students), diffused with gradient

@@ -96,6 +96,7 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
         (["--conditioning_timestep", "0"], "--conditioning_timestep must be in [1, 999]"),
         (["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),
         (["--prompts_file", "README.md"], "the GAN term needs real images"),
+        (["--gan_max_timestep", "1000"], "--gan_max_timestep must be ≤ 999"),
     ],
 )
 def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):
