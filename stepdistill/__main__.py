@@ -1,10 +1,10 @@
-"""``python -m stepdistill <command> [flags]``; commands: ``evaluate``."""
+"""``python -m stepdistill <command> [flags]``; commands: ``evaluate``, ``bench``."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"evaluate": "stepdistill.evaluate"}
+COMMANDS = {"evaluate": "stepdistill.evaluate", "bench": "stepdistill.bench"}
 
 
 def main(argv: list[str] | None = None) -> None:

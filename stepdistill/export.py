@@ -28,7 +28,7 @@ from diffusers import DiffusionPipeline, LCMScheduler
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from stepdistill.models.loading import load_pipeline
+from stepdistill.models.loading import PipelineError, load_pipeline
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TIMESTEP_SCALING = 1e4
@@ -73,17 +73,22 @@ def student_timesteps(scheduler: LCMScheduler, num_steps: int) -> tuple[int, ...
     return tuple(int(t) for t in scheduler.timesteps)
 
 
+STUDENT_METADATA = "stepdistill_student.json"
+
+
 def _write_metadata(
-    output_dir: Path, num_steps: int, timesteps: tuple[int, ...], kind: str, guidance_scale: float
+    output_dir: Path, num_steps: int, timesteps: tuple[int, ...], kind: str, guidance_scale: float,
+    base_model: str | None = None,
 ) -> None:
     info = {
         "format": kind,
+        **({"base_model": base_model} if base_model else {}),
         "num_inference_steps": num_steps,
         "timesteps": list(timesteps),
         "guidance_scale": guidance_scale,
         "scheduler": "LCMScheduler",
     }
-    (output_dir / "stepdistill_student.json").write_text(json.dumps(info, indent=2) + "\n")
+    (output_dir / STUDENT_METADATA).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def export_full(
@@ -128,7 +133,8 @@ def export_lora(
     type(teacher_pipeline).save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
     scheduler = scheduler or student_scheduler(teacher_pipeline.scheduler)
     scheduler.save_pretrained(output_dir / "scheduler")
-    _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps), "lora", 1.0)
+    _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps), "lora", 1.0,
+                    base_model=teacher_pipeline.name_or_path)
     return output_dir
 
 
@@ -140,3 +146,26 @@ def load_lora_student(
     pipe.load_lora_weights(str(lora_dir))
     pipe.scheduler = LCMScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
     return pipe
+
+
+def load_student(
+    student_dir: str | Path, base_model: str | Path | None = None, revision: str | None = None,
+    variant: str | None = None,
+) -> tuple[DiffusionPipeline, float]:
+    """Any exported student as a diffusers pipeline, with the guidance scale to sample it at.
+
+    Full exports load as they are; LoRA exports onto ``base_model`` (default: the teacher they were
+    trained on, as recorded at export).
+    """
+    student_dir = Path(student_dir)
+    metadata = student_dir / STUDENT_METADATA
+    if not metadata.is_file():
+        raise PipelineError(f"{student_dir} is not a stepdistill student (no {STUDENT_METADATA}); "
+                            "give the student folder a recipe wrote, e.g. outputs/dmd2/student")
+    info = json.loads(metadata.read_text())
+    if info["format"] == "full":
+        return load_pipeline(student_dir), info["guidance_scale"]
+    base_model = base_model or info.get("base_model")
+    if base_model is None:
+        raise PipelineError(f"{student_dir} holds LoRA weights; give the base model they were trained on")
+    return load_lora_student(base_model, student_dir, revision, variant), info["guidance_scale"]

@@ -344,10 +344,10 @@ def finish(
     """After training: end the trackers; on the main process export the student and score the export
     (:func:`export_student`, :func:`final_report`)."""
     setup.accelerator.end_training()
+    training = trainer.summary()  # before the export and the report add to the peak memory
     if setup.accelerator.is_main_process:
         student_dir = export_student(cfg, setup.teacher, trainer, student_unet, adapter, scheduler, guidance_scale)
-        final_report(cfg, setup.teacher, setup.prompts, student_dir, trainer.progress.seconds, student_steps,
-                     guidance_scale)
+        final_report(cfg, setup.teacher, setup.prompts, student_dir, training, student_steps, guidance_scale)
 
 
 def export_student(
@@ -371,46 +371,45 @@ def export_student(
 
 
 def final_report(
-    cfg: RunConfig, teacher: Teacher, prompts: list[str], student_dir: Path, training_seconds: float,
+    cfg: RunConfig, teacher: Teacher, prompts: list[str], student_dir: Path, training: dict,
     student_steps: tuple[int, ...] = (), student_guidance_scale: float = 1.0,
-) -> dict:
-    """Score the exported student (as plain diffusers loads it) and the teacher on the same noise.
+) -> list[report.Result]:
+    """Score the exported student (as plain diffusers loads it) and the teacher on the same noise,
+    and write ``report.json``: the run's cost (``training``, from :meth:`Trainer.summary`), its
+    flags and the scores.
 
     On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
-    and for the teacher, in ``report.json`` and grids, and ``validation_curve.png`` (the validations'
-    FD-digits against steps); otherwise a grid of the first 16 training prompts.
-    Students sample at ``student_guidance_scale`` (1: distilled in; else a guidance-scale input's value).
+    and for the teacher, with grids, and ``validation_curve.png`` (the validations' FD-digits
+    against steps); otherwise a grid of the first 16 training prompts. ``--eval_num_samples 0``
+    scores nothing. Students sample at ``student_guidance_scale`` (1: distilled in; else a
+    guidance-scale input's value).
     """
-    if cfg.eval_num_samples == 0:
-        return {}
     output_dir = Path(cfg.output_dir)
-    if cfg.use_lora:
-        student = export.load_lora_student(cfg.pretrained_model_name_or_path, student_dir, cfg.revision, cfg.variant)
-    else:
-        student = load_pipeline(student_dir)
-    if not scores_digits(cfg, teacher):
+    results: list[report.Result] = []
+    extra: dict = {}
+    if cfg.eval_num_samples and scores_digits(cfg, teacher):
+        student, _ = export.load_student(student_dir, cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
+        scorers = report.Scorers(digits=DigitsEvaluator())
+        steps = tuple(sorted({1, cfg.num_student_steps, *student_steps}))
+        results = report.evaluate(student, "student", steps, (student_guidance_scale,), eval_prompts, scorers,
+                                  output_dir, seed=cfg.seed)
+        if cfg.teacher_eval_steps:
+            select_adapter(teacher.unet, None)  # with --use_lora the student's adapters live on the teacher's UNet
+            results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),
+                                       eval_prompts, scorers, output_dir, seed=cfg.seed)
+        extra["real_vs_real_fd_digits"] = floor = scorers.digits.real_floor(cfg.eval_num_samples)
+        teacher_fd = next((r.fd_digits for r in results if r.model == "teacher"), None)
+        plots.plot_validation_curve(
+            output_dir / "train_log.jsonl", output_dir / "validation_curve.png", teacher_fd, floor,
+            label=f"student, {cfg.num_student_steps} step{'s' if cfg.num_student_steps > 1 else ''}",
+            teacher_label=f"teacher, {cfg.teacher_eval_steps} steps", num_samples=cfg.num_validation_images,
+        )
+        print(report.markdown_table(results))
+        print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
+    elif cfg.eval_num_samples:
+        student, _ = export.load_student(student_dir, cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
         images, _ = generate(student, prompts[:16], cfg.num_student_steps, student_guidance_scale, seed=cfg.seed)
         save_grid(images, output_dir / "student_grid.png", num_columns=4)
-        return {}
-    eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
-    scorers = report.Scorers(digits=DigitsEvaluator())
-    steps = tuple(sorted({1, cfg.num_student_steps, *student_steps}))
-    results = report.evaluate(student, "student", steps, (student_guidance_scale,), eval_prompts, scorers, output_dir,
-                              seed=cfg.seed)
-    if cfg.teacher_eval_steps:
-        select_adapter(teacher.unet, None)  # with --use_lora the student's adapters live on the teacher's UNet
-        results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),
-                                   eval_prompts, scorers, output_dir, seed=cfg.seed)
-    floor = scorers.digits.real_floor(cfg.eval_num_samples)
-    report.write_report(
-        results, output_dir / "report.json", real_vs_real_fd_digits=floor, training_seconds=training_seconds, config=vars(cfg)
-    )
-    teacher_fd = next((r.fd_digits for r in results if r.model == "teacher"), None)
-    plots.plot_validation_curve(
-        output_dir / "train_log.jsonl", output_dir / "validation_curve.png", teacher_fd, floor,
-        label=f"student, {cfg.num_student_steps} step{'s' if cfg.num_student_steps > 1 else ''}",
-        teacher_label=f"teacher, {cfg.teacher_eval_steps} steps", num_samples=cfg.num_validation_images,
-    )
-    print(report.markdown_table(results))
-    print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
-    return {"results": results, "floor": floor}
+    report.write_report(results, output_dir / "report.json", **extra, training=training, config=vars(cfg))
+    return results

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -115,6 +116,14 @@ class EMA:
         if len(tensors) != len(self.shadow):
             raise ConfigError(f"{path} holds {len(tensors)} EMA tensors, this run has {len(self.shadow)}")
         self.shadow = [tensors[str(i)].to(p.device) for i, p in enumerate(self.parameters)]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The process's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, the peak
+    resident set size (RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class Progress:
@@ -456,4 +465,15 @@ class Trainer:
         bar.close()
         self.accelerator.wait_for_everyone()
         return self.progress
+
+    def summary(self) -> dict:
+        """What the run cost: steps, training seconds (validation and checkpoints excluded), steps/s,
+        the device and this process's peak memory (see :func:`peak_memory_bytes`)."""
+        device = self.accelerator.device
+        return {
+            "steps": self.progress.step, "seconds": self.progress.seconds,
+            "steps_per_second": self.progress.step / self.progress.seconds if self.progress.seconds else None,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "num_processes": self.accelerator.num_processes, "peak_memory_bytes": peak_memory_bytes(device),
+        }
 

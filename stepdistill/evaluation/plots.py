@@ -41,3 +41,65 @@ def plot_validation_curve(
     figure.savefig(path)
     pyplot.close(figure)
     return path
+
+
+def _reference_lines(axes, levels: dict[str, float | None]) -> None:
+    for (name, level), style in zip(levels.items(), ("--", ":", "-.")):
+        if level is not None:
+            axes.axhline(level, linestyle=style, color="grey", label=name)
+
+
+def _save(figure, axes, path: str | Path) -> Path:
+    axes.legend(fontsize="small")
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path
+
+
+def plot_fd_against_sampling_steps(
+    curves: dict[str, list[tuple[int, float]]], path: str | Path, levels: dict[str, float | None] | None = None
+) -> Path:
+    """FD-digits against sampling steps (log-log), one line per model, e.g.
+    ``{"teacher, CFG 1.5": [(1, 0.74), (2, 0.36), ...], "dmd2": [...]}``, with horizontal ``levels``."""
+    figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
+    for name, points in curves.items():
+        steps, fds = zip(*sorted(points))
+        axes.plot(steps, fds, marker="o", label=name)
+    _reference_lines(axes, levels or {})
+    axes.set(xlabel="sampling steps", ylabel="FD-digits", xscale="log", yscale="log")
+    return _save(figure, axes, path)
+
+
+def plot_fd_against_training_time(
+    curves: dict[str, list[tuple[float, float]]], path: str | Path, levels: dict[str, float | None] | None = None
+) -> Path:
+    """Validation FD-digits against training minutes, one line per recipe: ``{"dmd2": [(seconds, fd), ...]}``."""
+    figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
+    for name, points in curves.items():
+        if points:
+            seconds, fds = zip(*points)
+            axes.plot([s / 60 for s in seconds], fds, marker="o", label=name)
+    _reference_lines(axes, levels or {})
+    axes.set(xlabel="training time (min, validation excluded)", ylabel="FD-digits", yscale="log")
+    return _save(figure, axes, path)
+
+
+def side_by_side(images: dict[str, str | Path], path: str | Path, columns: int = 4) -> Path:
+    """Image files (e.g. sample grids) in one figure, titled by their keys."""
+    from PIL import Image
+
+    rows = -(-len(images) // columns)
+    figure, axes = pyplot.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), dpi=100, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (title, image) in zip(axes.flat, images.items()):
+        axis.imshow(Image.open(image))
+        axis.set_title(title, fontsize="small")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path

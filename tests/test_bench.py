@@ -1,0 +1,72 @@
+"""``python -m stepdistill bench`` end to end at a tiny budget, and its bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from notebook_runner import execute, printed
+
+from stepdistill import bench
+from stepdistill.config import ConfigError
+
+RECIPE_FLAGS = "--train_batch_size 4 --num_threads 1"
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("bench")
+    cfg = bench.BenchConfig(
+        output_dir=str(output_dir), max_train_steps=1, num_samples=20, student_steps=(1, 2), teacher_steps=(1, 2),
+        teacher_guidance_scales=(1.5,), validation_steps=1, recipe_flags=RECIPE_FLAGS,
+    )
+    cfg.validate()
+    return bench.run(cfg), output_dir
+
+
+@pytest.mark.slow
+def test_bench_trains_every_recipe_and_scores_side_by_side(summary):
+    result, output_dir = summary
+    assert set(result["recipes"]) == set(bench.BENCHMARKED_RECIPES)
+    for name, run in result["recipes"].items():
+        assert run["training"]["steps"] == 1, name
+        assert run["training"]["peak_memory_bytes"] > 2**20, name  # a real RSS, in bytes
+        assert [step for step, _, _ in run["validation_curve"]] == [1], name
+    rows = {(r["model"], r["num_inference_steps"]): r for r in result["results"]}
+    assert len(rows) == 3 * 2 + 2
+    reference = rows[("teacher", 2)]  # the most-step teacher row at its best guidance
+    assert result["reference"]["fd_digits"] == reference["fd_digits"]
+    assert reference["fd_ratio_to_teacher"] == 1 and reference["speedup_wall"] == 1
+    assert rows[("dmd2", 1)]["speedup_nfe"] == 4  # 2 CFG steps (4 calls) against 1 call
+    for row in result["results"]:
+        assert math.isfinite(row["fd_digits"]) and 0 <= row["prompt_accuracy"] <= 1
+    on_disk = json.loads((output_dir / "results.json").read_text())
+    assert on_disk["results"] == result["results"]
+    table = (output_dir / "results.md").read_text()
+    assert all(f"| {name} | 1 |" in table for name in bench.BENCHMARKED_RECIPES)
+    for name in ("fd_vs_sampling_steps.png", "fd_vs_training_time.png", "grids.png"):
+        assert (output_dir / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_compare_notebook_runs_on_a_fresh_benchmark(summary, tmp_path, monkeypatch):
+    _, output_dir = summary
+    notebook = execute("compare_recipes.ipynb", monkeypatch, STEPDISTILL_BENCH_RESULTS=str(output_dir / "results.json"),
+                       STEPDISTILL_NOTEBOOK_OUTPUT=str(tmp_path))
+    assert "best student:" in printed(notebook)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"recipes": ("dmd3",)}, "no recipe 'dmd3'"),
+        ({"num_samples": 1}, "--num_samples must be ≥ 2"),
+        ({"student_steps": (0, 1)}, "--student_steps must be ≥ 1"),
+        ({"max_train_steps": 0}, "--max_train_steps must be ≥ 1"),
+    ],
+)
+def test_bench_refuses_bad_input(changes, message, tmp_path):
+    cfg = bench.BenchConfig(output_dir=str(tmp_path / "bench"), **changes)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
