@@ -1,10 +1,11 @@
-"""``python -m stepdistill <command> [flags]``; commands: ``evaluate``, ``bench``."""
+"""``python -m stepdistill <command> [flags]``; commands: ``evaluate``, ``bench``, ``throughput``."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"evaluate": "stepdistill.evaluate", "bench": "stepdistill.bench"}
+COMMANDS = {"evaluate": "stepdistill.evaluate", "bench": "stepdistill.bench",
+            "throughput": "stepdistill.throughput"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,8 @@ with the same evaluator (FD-digits against the held-out split, prompt accuracy).
 ratios of images/s measured here, one after the other, beside the ratio of network evaluations.
 
 Writes to ``--output_dir``: ``results.json`` (everything), ``results.md`` (the tables of the README's
-Results), ``fd_vs_sampling_steps.png``, ``fd_vs_training_time.png``, ``grids.png`` (samples side by
+Results), ``fd_vs_sampling_steps.png``, ``fd_vs_training_time.png`` and ``fd_vs_training_steps.png``
+(validation FD-digits as training went on), ``grids.png`` (samples side by
 side), the sample grids and, under ``runs/``, each recipe's own output folder and log.
 """
 
@@ -206,7 +207,7 @@ def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
 
 
 def draw(summary: dict, output_dir: Path) -> None:
-    """FD-digits against sampling steps and against training time, from a summary (``compare_recipes.ipynb``
+    """FD-digits against sampling steps and during training (against time and steps), from a summary (``compare_recipes.ipynb``
     draws them from ``results.json``)."""
     levels = {
         f"teacher, {summary['reference']['num_inference_steps']} steps": summary["reference"]["fd_digits"],
@@ -217,8 +218,12 @@ def draw(summary: dict, output_dir: Path) -> None:
         name = r["model"] if r["model"] != "teacher" else f"teacher, CFG {r['guidance_scale']:g}"
         by_model.setdefault(name, []).append((r["num_inference_steps"], r["fd_digits"]))
     plots.plot_fd_against_sampling_steps(by_model, output_dir / "fd_vs_sampling_steps.png", levels)
-    curves = {name: [(seconds, fd) for _, seconds, fd in run["validation_curve"]] for name, run in summary["recipes"].items()}
-    plots.plot_fd_against_training_time(curves, output_dir / "fd_vs_training_time.png", levels)
+    runs = summary["recipes"].items()
+    minutes = {name: [(seconds / 60, fd) for _, seconds, fd in run["validation_curve"]] for name, run in runs}
+    plots.plot_fd_during_training(minutes, output_dir / "fd_vs_training_time.png",
+                                  "training time (min, validation excluded)", levels)
+    steps = {name: [(step, fd) for step, _, fd in run["validation_curve"]] for name, run in runs}
+    plots.plot_fd_during_training(steps, output_dir / "fd_vs_training_steps.png", "training step", levels)
 
 
 def draw_grids(summary: dict, output_dir: Path) -> None:

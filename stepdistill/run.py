@@ -379,9 +379,9 @@ def final_report(
     flags and the scores.
 
     On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
-    and for the teacher, with grids, and ``validation_curve.png`` (the validations' FD-digits
-    against steps); otherwise a grid of the first 16 training prompts. ``--eval_num_samples 0``
-    scores nothing. Students sample at ``student_guidance_scale`` (1: distilled in; else a
+    and for the teacher, with grids; otherwise a grid of the first 16 training prompts;
+    ``--eval_num_samples 0`` scores nothing. ``validation_curve.png``: the validations' FD-digits
+    against steps, whenever the run validated on the digits. Students sample at ``student_guidance_scale`` (1: distilled in; else a
     guidance-scale input's value).
     """
     output_dir = Path(cfg.output_dir)
@@ -399,17 +399,17 @@ def final_report(
             results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),
                                        eval_prompts, scorers, output_dir, seed=cfg.seed)
         extra["real_vs_real_fd_digits"] = floor = scorers.digits.real_floor(cfg.eval_num_samples)
-        teacher_fd = next((r.fd_digits for r in results if r.model == "teacher"), None)
-        plots.plot_validation_curve(
-            output_dir / "train_log.jsonl", output_dir / "validation_curve.png", teacher_fd, floor,
-            label=f"student, {cfg.num_student_steps} step{'s' if cfg.num_student_steps > 1 else ''}",
-            teacher_label=f"teacher, {cfg.teacher_eval_steps} steps", num_samples=cfg.num_validation_images,
-        )
         print(report.markdown_table(results))
         print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
     elif cfg.eval_num_samples:
         student, _ = export.load_student(student_dir, cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
         images, _ = generate(student, prompts[:16], cfg.num_student_steps, student_guidance_scale, seed=cfg.seed)
         save_grid(images, output_dir / "student_grid.png", num_columns=4)
+    plots.plot_validation_curve(  # nothing without digits validations; teacher and floor lines when scored
+        output_dir / "train_log.jsonl", output_dir / "validation_curve.png",
+        next((r.fd_digits for r in results if r.model == "teacher"), None), extra.get("real_vs_real_fd_digits"),
+        label=f"student, {cfg.num_student_steps} step{'s' if cfg.num_student_steps > 1 else ''}",
+        teacher_label=f"teacher, {cfg.teacher_eval_steps} steps", num_samples=cfg.num_validation_images,
+    )
     report.write_report(results, output_dir / "report.json", **extra, training=training, config=vars(cfg))
     return results

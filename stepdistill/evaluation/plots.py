@@ -73,17 +73,19 @@ def plot_fd_against_sampling_steps(
     return _save(figure, axes, path)
 
 
-def plot_fd_against_training_time(
-    curves: dict[str, list[tuple[float, float]]], path: str | Path, levels: dict[str, float | None] | None = None
+def plot_fd_during_training(
+    curves: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str,
+    levels: dict[str, float | None] | None = None,
 ) -> Path:
-    """Validation FD-digits against training minutes, one line per recipe: ``{"dmd2": [(seconds, fd), ...]}``."""
+    """Validation FD-digits during training (log scale), one line per recipe: ``{"dmd2": [(x, fd), ...]}``
+    with x in training steps or minutes (``xlabel`` says which)."""
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
     for name, points in curves.items():
         if points:
-            seconds, fds = zip(*points)
-            axes.plot([s / 60 for s in seconds], fds, marker="o", label=name)
+            xs, fds = zip(*points)
+            axes.plot(xs, fds, marker="o", label=name)
     _reference_lines(axes, levels or {})
-    axes.set(xlabel="training time (min, validation excluded)", ylabel="FD-digits", yscale="log")
+    axes.set(xlabel=xlabel, ylabel="FD-digits", yscale="log")
     return _save(figure, axes, path)
 
 
