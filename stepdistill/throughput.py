@@ -146,21 +146,24 @@ def time_setting(cfg: ThroughputConfig, recipe: str, variant: str, precision: st
 def markdown(summary: dict) -> str:
     m = summary["machine"]
     where = m["gpu"] or f"{m['cpu']} ({m['cpu_cores']} cores)"
+    last = summary["config"]["max_train_steps"]
+    timed_steps = "step 2 timed" if last == 2 else f"median of steps 2–{last}"
     lines = [
         f"Measured {m['date']} on {where}, torch {m['torch']}, by "
         f"`{summary['command']}`: a UNet of SD1.5's architecture ({summary['unet_parameters'] / 1e6:.0f} M parameters), "
         f"{summary['config']['latent_size']}×{summary['config']['latent_size']} latents, batch "
-        f"{summary['config']['train_batch_size']}; median of steps 2–{summary['config']['max_train_steps']}. Peak memory "
+        f"{summary['config']['train_batch_size']}; {timed_steps}. Peak memory "
         f"is {'torch.cuda.max_memory_allocated' if m['gpu'] else 'the process RSS'}.",
         "",
         "| recipe | weights | precision | s/step | steps/s | peak memory (GiB) |",
         "|---|---|---|---|---|---|",
     ]
     for row in summary["settings"]:
+        precision = "fp32" if row["precision"] == "no" else row["precision"]
         if "skipped" in row:
-            lines.append(f"| {row['recipe']} | {row['variant']} | {row['precision']} | skipped: {row['skipped']} | | |")
+            lines.append(f"| {row['recipe']} | {row['variant']} | {precision} | skipped: {row['skipped']} | | |")
         else:
-            lines.append(f"| {row['recipe']} | {row['variant']} | {row['precision']} | {row['seconds_per_step']:.2f} | "
+            lines.append(f"| {row['recipe']} | {row['variant']} | {precision} | {row['seconds_per_step']:.2f} | "
                          f"{row['steps_per_second']:.3f} | {row['peak_memory_bytes'] / 2**30:.1f} |")
     return "\n".join(lines) + "\n"
 

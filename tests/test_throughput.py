@@ -27,7 +27,7 @@ def test_throughput_times_a_setting_on_an_sd15_sized_unet(tmp_path):
     (setting,) = summary["settings"]
     assert setting["seconds_per_step"] > 0 and setting["steps_per_second"] == pytest.approx(1 / setting["seconds_per_step"])
     assert setting["peak_memory_bytes"] > 4 * SD15_UNET_PARAMETERS  # the fp32 UNet was resident
-    assert "| consistency | lora | no |" in (tmp_path / "throughput.md").read_text()
+    assert "| consistency | lora | fp32 |" in (tmp_path / "throughput.md").read_text()
     assert not (tmp_path / "sd15_sized").exists()  # the 3.4 GB scratch model is removed
 
 
