@@ -239,10 +239,16 @@ def draw_grids(summary: dict, output_dir: Path) -> None:
     plots.side_by_side(images, output_dir / "grids.png")
 
 
-def main(argv: list[str] | None = None) -> None:
+def command_main(config_cls: type, run_fn, command: str, argv: list[str] | None) -> None:
+    """``python -m stepdistill <command>``: parse the flags, run, and end bad input or a failed recipe
+    with one ``error:`` line; the results record the command as typed."""
     argv = sys.argv[1:] if argv is None else argv
-    cfg = configs.parse(BenchConfig, argv, prog="python -m stepdistill bench")
+    cfg = configs.parse(config_cls, argv, prog=f"python -m stepdistill {command}")
     try:
-        run(cfg, command=shlex.join(["python", "-m", "stepdistill", "bench", *argv]))
+        run_fn(cfg, command=shlex.join(["python", "-m", "stepdistill", command, *argv]))
     except (ConfigError, RecipeFailed) as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    command_main(BenchConfig, run, "bench", argv)

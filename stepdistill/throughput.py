@@ -20,7 +20,6 @@ Writes ``throughput.json`` and ``throughput.md`` to ``--output_dir``.
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from stepdistill import config as configs
-from stepdistill.bench import BENCHMARKED_RECIPES, RECIPES_DIR, RecipeFailed, machine
+from stepdistill.bench import BENCHMARKED_RECIPES, RECIPES_DIR, RecipeFailed, command_main, machine
 from stepdistill.config import ConfigError, field
 from stepdistill.models import tiny_sd
 
@@ -197,9 +196,4 @@ def run(cfg: ThroughputConfig, command: str = "python -m stepdistill throughput"
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = configs.parse(ThroughputConfig, argv, prog="python -m stepdistill throughput")
-    try:
-        run(cfg, command=shlex.join(["python", "-m", "stepdistill", "throughput", *argv]))
-    except (ConfigError, RecipeFailed) as error:
-        raise SystemExit(f"error: {error}") from None
+    command_main(ThroughputConfig, run, "throughput", argv)

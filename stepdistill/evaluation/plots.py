@@ -29,18 +29,10 @@ def plot_validation_curve(
     steps, _, fds = zip(*curve)
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
     axes.plot(steps, fds, marker="o", label=label)
-    for level, name, style in ((teacher_fd, teacher_label, "--"), (floor, "real vs real", ":")):
-        if level is not None:
-            axes.axhline(level, linestyle=style, color="grey", label=name)
+    _reference_lines(axes, {teacher_label: teacher_fd, "real vs real": floor})
     ylabel = "FD-digits" if num_samples is None else f"FD-digits ({num_samples:,} samples)"
     axes.set(xlabel="training step", ylabel=ylabel, yscale="log")
-    axes.legend()
-    axes.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)
-    pyplot.close(figure)
-    return path
+    return _save(figure, axes, path)
 
 
 def _reference_lines(axes, levels: dict[str, float | None]) -> None:
