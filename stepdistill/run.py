@@ -6,7 +6,7 @@ A recipe subclasses :class:`RunConfig` with its method's flags and calls these i
     ... build the networks and the method from setup.teacher ...
     trainer = Trainer(trainer_config(cfg), ..., validate=make_validator(cfg, teacher, student, timesteps, prompts))
     student_dir = export_student(cfg, teacher, trainer, student_unet, adapter)
-    final_report(cfg, teacher, prompts, student_dir, seconds)
+    final_report(cfg, teacher, prompts, student_dir, trainer.summary())
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from stepdistill.evaluation.sampling import generate
 from stepdistill.evaluation.validation import StudentModel, StudentValidator
 from stepdistill.methods.base import Batch
 from stepdistill.models.denoiser import select_adapter
-from stepdistill.models.loading import PipelineError, load_pipeline, require_pipeline_location
+from stepdistill.models.loading import PipelineError, require_pipeline_location
 from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.trainer import (
@@ -381,8 +381,8 @@ def final_report(
     On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
     and for the teacher, with grids; otherwise a grid of the first 16 training prompts;
     ``--eval_num_samples 0`` scores nothing. ``validation_curve.png``: the validations' FD-digits
-    against steps, whenever the run validated on the digits. Students sample at ``student_guidance_scale`` (1: distilled in; else a
-    guidance-scale input's value).
+    against steps, whenever the run validated on the digits. Students sample at
+    ``student_guidance_scale`` (1: distilled in; else a guidance-scale input's value).
     """
     output_dir = Path(cfg.output_dir)
     results: list[report.Result] = []
