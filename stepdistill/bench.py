@@ -119,12 +119,11 @@ def train_recipe(cfg: BenchConfig, recipe: str, run_dir: Path) -> dict:
     return outcome
 
 
-def _ratio_rows(results: list[report.Result], reference: report.Result, floor: float) -> list[dict]:
+def _ratio_rows(results: list[report.Result], reference: report.Result) -> list[dict]:
     """Each result with its FD ratio to ``reference`` and its speed-up over it (wall clock and NFE)."""
     return [
         {**asdict(r), "fd_ratio_to_teacher": r.fd_digits / reference.fd_digits,
-         "speedup_wall": r.images_per_s / reference.images_per_s, "speedup_nfe": reference.nfe / r.nfe,
-         "real_vs_real_fd_digits": floor}
+         "speedup_wall": r.images_per_s / reference.images_per_s, "speedup_nfe": reference.nfe / r.nfe}
         for r in results
     ]
 
@@ -190,7 +189,7 @@ def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
     summary = {
         "command": command, "machine": machine(), "config": asdict(cfg), "num_samples": cfg.num_samples,
         "real_vs_real_fd_digits": floor, "reference": asdict(reference),
-        "results": _ratio_rows(results, reference, floor),
+        "results": _ratio_rows(results, reference),
         "recipes": {
             recipe: {"training": outcome["training"], "wall_seconds": outcome["wall_seconds"], "config": outcome["config"],
                      "validation_curve": plots.validation_curve(output_dir / "runs" / recipe / "train_log.jsonl")}
