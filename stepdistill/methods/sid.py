@@ -37,19 +37,22 @@ SID_ALPHA = 1.2
 def sid_loss(
     x_g: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float = SID_ALPHA, normalise: bool = True
 ) -> torch.Tensor:
-    """SiD's generator loss, the mean over samples of the per-sample sum of
+    """SiD's generator loss, the mean over samples and elements of
     (f_φ − f_ψ) ⊙ ((f_φ − x_g) − α (f_φ − f_ψ)) / mean|x_g − f_φ| (normaliser without gradient;
     ``normalise=False`` drops it).
 
+    The paper sums over elements; the mean divides that by a constant, which changes no Adam step
+    but gives the loss DMD's scale (its surrogate is a mean too), so that a GAN weight or a
+    gradient-clipping norm means the same in both methods.
     Gradients flow into ``x_g``, ``real_x0`` and ``fake_x0`` (through x_t, when they were computed from it).
     """
-    reduce = tuple(range(1, x_g.ndim))
     x_g, real_x0, fake_x0 = x_g.float(), real_x0.float(), fake_x0.float()
     difference = real_x0 - fake_x0
     per_element = difference * ((real_x0 - x_g) - alpha * difference)
     if normalise:
+        reduce = tuple(range(1, x_g.ndim))
         per_element = per_element / (x_g - real_x0).detach().abs().mean(dim=reduce, keepdim=True).clamp(min=1e-5)
-    return per_element.sum(dim=reduce).mean()
+    return per_element.mean()
 
 
 @dataclass
