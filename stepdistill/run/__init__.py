@@ -1,0 +1,25 @@
+"""What every distillation run does around its method: flags, set-up, data, validation, export, report.
+
+A recipe subclasses :class:`RunConfig` with its method's flags and calls these in order:
+
+    setup = set_up(cfg, "dmd2")     # checked flags, seeds, threads, teacher, data, config.json, batches
+    ... build the networks and the method from setup.teacher ...
+    trainer = Trainer(trainer_config(cfg), ..., validate=make_validator(cfg, teacher, student, timesteps, prompts))
+    student_dir = export_student(cfg, teacher, trainer, student_unet, adapter)
+    final_report(cfg, teacher, prompts, student_dir, trainer.summary())
+"""
+
+from stepdistill.run.cli import command_line
+from stepdistill.run.end import export_student, final_report, finish
+from stepdistill.run.flags import FakeScoreConfig, RunConfig
+from stepdistill.run.setup import (
+    Setup, batch_sampler, enable_gradient_checkpointing, image_size, open_output, scores_digits, set_up, start,
+    training_data,
+)
+from stepdistill.run.training import fake_score_trainer, make_validator, trainer_config
+
+__all__ = [
+    "FakeScoreConfig", "RunConfig", "Setup", "batch_sampler", "command_line", "enable_gradient_checkpointing",
+    "export_student", "fake_score_trainer", "final_report", "finish", "image_size", "make_validator", "open_output",
+    "scores_digits", "set_up", "start", "trainer_config", "training_data",
+]

@@ -1,0 +1,98 @@
+"""After training: export the student for plain diffusers, score it and write ``report.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import LCMScheduler
+from torch import nn
+
+from stepdistill import export
+from stepdistill.data import digits
+from stepdistill.evaluation import plots, report
+from stepdistill.evaluation.digits_metrics import DigitsEvaluator
+from stepdistill.evaluation.grid import save_grid
+from stepdistill.evaluation.sampling import generate
+from stepdistill.models.denoiser import select_adapter
+from stepdistill.models.teacher import Teacher
+from stepdistill.run.flags import RunConfig
+from stepdistill.run.setup import Setup, scores_digits
+from stepdistill.trainer import Trainer
+
+
+def finish(
+    cfg: RunConfig, setup: Setup, trainer: Trainer, student_unet: nn.Module, adapter: str | None,
+    scheduler: LCMScheduler | None = None, guidance_scale: float = 1.0, student_steps: tuple[int, ...] = (),
+) -> None:
+    """After training: end the trackers; on the main process export the student and score the export
+    (:func:`export_student`, :func:`final_report`)."""
+    setup.accelerator.end_training()
+    training = trainer.summary()  # before the export and the report add to the peak memory
+    if setup.accelerator.is_main_process:
+        student_dir = export_student(cfg, setup.teacher, trainer, student_unet, adapter, scheduler, guidance_scale)
+        final_report(cfg, setup.teacher, setup.prompts, student_dir, training, student_steps, guidance_scale)
+
+
+def export_student(
+    cfg: RunConfig, teacher: Teacher, trainer: Trainer, student_unet: nn.Module, adapter: str | None,
+    scheduler: LCMScheduler | None = None, guidance_scale: float = 1.0,
+) -> Path:
+    """Write ``output_dir/student`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline,
+    with ``scheduler`` (default: :func:`export.student_scheduler` of the teacher's); ``guidance_scale``
+    is the one to sample at (1, unless the student takes it as an input)."""
+    if trainer.ema is not None:
+        trainer.ema.copy_to_parameters()
+    student_unet = trainer.accelerator.unwrap_model(student_unet)
+    student_dir = Path(cfg.output_dir) / "student"
+    if cfg.use_lora:
+        export.export_lora(teacher.pipeline, student_unet, adapter, student_dir, cfg.num_student_steps, scheduler)
+    else:
+        export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps, scheduler, guidance_scale)
+    steps = trainer.progress.step
+    print(f"trained {steps} step{'' if steps == 1 else 's'} in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
+    return student_dir
+
+
+def final_report(
+    cfg: RunConfig, teacher: Teacher, prompts: list[str], student_dir: Path, training: dict,
+    student_steps: tuple[int, ...] = (), student_guidance_scale: float = 1.0,
+) -> list[report.Result]:
+    """Score the exported student (as plain diffusers loads it) and the teacher on the same noise,
+    and write ``report.json``: the run's cost (``training``, from :meth:`Trainer.summary`), its
+    flags and the scores.
+
+    On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
+    and for the teacher, with grids; otherwise a grid of the first 16 training prompts;
+    ``--eval_num_samples 0`` scores nothing. ``validation_curve.png``: the validations' FD-digits
+    against steps, whenever the run validated on the digits. Students sample at
+    ``student_guidance_scale`` (1: distilled in; else a guidance-scale input's value).
+    """
+    output_dir = Path(cfg.output_dir)
+    results: list[report.Result] = []
+    extra: dict = {}
+    if cfg.eval_num_samples and scores_digits(cfg, teacher):
+        student, _ = export.load_student(student_dir, cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        eval_prompts = digits.evaluation_prompts(cfg.eval_num_samples)
+        scorers = report.Scorers(digits=DigitsEvaluator())
+        steps = tuple(sorted({1, cfg.num_student_steps, *student_steps}))
+        results = report.evaluate(student, "student", steps, (student_guidance_scale,), eval_prompts, scorers,
+                                  output_dir, seed=cfg.seed)
+        if cfg.teacher_eval_steps:
+            select_adapter(teacher.unet, None)  # with --use_lora the student's adapters live on the teacher's UNet
+            results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),
+                                       eval_prompts, scorers, output_dir, seed=cfg.seed)
+        extra["real_vs_real_fd_digits"] = floor = scorers.digits.real_floor(cfg.eval_num_samples)
+        print(report.markdown_table(results))
+        print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
+    elif cfg.eval_num_samples:
+        student, _ = export.load_student(student_dir, cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        images, _ = generate(student, prompts[:16], cfg.num_student_steps, student_guidance_scale, seed=cfg.seed)
+        save_grid(images, output_dir / "student_grid.png", num_columns=4)
+    plots.plot_validation_curve(  # nothing without digits validations; teacher and floor lines when scored
+        output_dir / "train_log.jsonl", output_dir / "validation_curve.png",
+        next((r.fd_digits for r in results if r.model == "teacher"), None), extra.get("real_vs_real_fd_digits"),
+        label=f"student, {cfg.num_student_steps} step{'s' if cfg.num_student_steps > 1 else ''}",
+        teacher_label=f"teacher, {cfg.teacher_eval_steps} steps", num_samples=cfg.num_validation_images,
+    )
+    report.write_report(results, output_dir / "report.json", **extra, training=training, config=vars(cfg))
+    return results

@@ -1,0 +1,167 @@
+"""The flags every recipe shares: :class:`RunConfig`, and :class:`FakeScoreConfig` for the methods with a fake score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
+from diffusers import DDIMScheduler, LCMScheduler
+from diffusers.optimization import SchedulerType
+
+from stepdistill import config as configs
+from stepdistill import export
+from stepdistill.assets import DIGITS_TEACHER
+from stepdistill.config import ConfigError, field
+from stepdistill.models.loading import PipelineError, require_pipeline_location
+from stepdistill.models.teacher import Teacher
+from stepdistill.trainer import find_checkpoint
+
+
+@dataclass
+class RunConfig:
+    """Flags every recipe shares; a recipe's config subclasses this and adds its method's flags."""
+
+    # model
+    pretrained_model_name_or_path: str = field(str(DIGITS_TEACHER), "teacher pipeline folder or hub id (default: shipped digits teacher)")
+    revision: str | None = field(None, "hub revision of the teacher")
+    variant: str | None = field(None, "weight variant of the teacher, e.g. fp16")
+    use_lora: bool = field(False, "train LoRA adapters on the frozen teacher UNet instead of full copies")
+    lora_rank: int = field(16, "LoRA rank")
+    # data
+    prompts_file: str | None = field(None, ".txt / .jsonl prompts (default: the digits captions)")
+    train_data_dir: str | None = field(None, "captioned image folder (metadata.jsonl) of real images")
+    # student
+    num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50)")
+    guidance_scale: float = field(1.5, "teacher classifier-free guidance distilled into the student (1.5 is the digits teacher's best)")
+    # optimisation
+    output_dir: str = field("outputs/run", "where checkpoints, the student and report.json go")
+    max_train_steps: int = field(300, "student (generator) updates")
+    train_batch_size: int = field(32, "batch size of every update")
+    learning_rate: float = field(1e-4, "student AdamW learning rate")
+    lr_scheduler: str = field("constant", "learning-rate schedule of every optimiser: constant, linear, cosine, ... (diffusers' names)")
+    lr_warmup_steps: int = field(0, "warm-up updates of the schedule")
+    adam_beta1: float = field(0.9, "AdamW β1 of every optimiser (0 is common for adversarial games: SiD, GANs)")
+    adam_beta2: float = field(0.999, "AdamW β2 of every optimiser")
+    adam_weight_decay: float = field(0.01, "AdamW weight decay")
+    max_grad_norm: float = field(10.0, "gradient-norm clip (0: off)")
+    max_consecutive_skips: int = field(10, "stop the run after this many non-finite (skipped) updates in a row")
+    gradient_accumulation_steps: int = field(1, "micro-batches per update")
+    mixed_precision: str = field("no", "no | fp16 | bf16")
+    gradient_checkpointing: bool = field(False, "trade compute for memory in the trained UNets")
+    ema_decay: float = field(0.0, "EMA of the student weights that get exported (0: off)")
+    seed: int = field(0, "seed of everything")
+    num_threads: int = field(0, "CPU threads for torch (0: all cores, shared among processes)")
+    checkpointing_steps: int = field(0, "save a resumable checkpoint every N steps (0: off)")
+    checkpoints_total_limit: int = field(2, "keep this many checkpoints")
+    resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint folder")
+    # monitoring and evaluation
+    report_to: str = field("auto", "accelerate tracker (tensorboard, wandb, ...), none, or auto: tensorboard if installed")
+    validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)")
+    num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a 16-image grid)")
+    eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher; 0: none)")
+    teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)")
+    dry_run: bool = field(False, "validate the flags and exit")
+
+    def validate(self) -> None:
+        """Every check that needs no model, run before anything is loaded; recipes extend it."""
+        for name in ("lora_rank", "num_student_steps", "max_train_steps", "train_batch_size",
+                     "gradient_accumulation_steps", "checkpoints_total_limit", "num_validation_images",
+                     "max_consecutive_skips"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")
+        for name in ("guidance_scale", "max_grad_norm", "eval_num_samples", "teacher_eval_steps", "checkpointing_steps",
+                     "validation_steps", "num_threads", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
+        if self.num_student_steps > 50:
+            raise ConfigError(f"--num_student_steps must be ≤ 50, the student scheduler's grid (got {self.num_student_steps})")
+        if self.eval_num_samples == 1:
+            raise ConfigError("--eval_num_samples must be 0 (no report) or ≥ 2 (FD needs two samples)")
+        if self.use_lora and self.gradient_checkpointing:
+            raise ConfigError(
+                "--use_lora with --gradient_checkpointing is not supported: the recomputed forward would run with "
+                "the wrong adapter active; drop one of the two"
+            )
+        schedules = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
+        if self.lr_scheduler not in schedules:
+            raise ConfigError(f"--lr_scheduler must be one of {', '.join(schedules)} (got {self.lr_scheduler!r})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
+        trackers = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
+        if self.report_to not in trackers:
+            raise ConfigError(f"--report_to must be one of {', '.join(trackers)} (got {self.report_to!r})")
+        if self.report_to not in ("auto", "none") and self.report_to not in get_available_trackers():
+            raise ConfigError(f"--report_to {self.report_to}: the package is not installed (pip install {self.report_to})")
+        if self.prompts_file and self.train_data_dir:
+            raise ConfigError("give --prompts_file or --train_data_dir (whose captions are the prompts), not both")
+        if self.prompts_file and not Path(self.prompts_file).is_file():
+            raise ConfigError(f"--prompts_file {self.prompts_file} does not exist")
+        if self.train_data_dir and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
+            raise ConfigError(f"--train_data_dir {self.train_data_dir} needs a metadata.jsonl (file_name, text per line)")
+        configs.require_writable_dir(self.output_dir, "--output_dir")
+        if self.resume_from_checkpoint:
+            find_checkpoint(self.output_dir, self.resume_from_checkpoint)
+
+    def teacher_scheduler_config(self) -> dict:
+        """The teacher's scheduler config, read without loading a model (for checks that need its T)."""
+        try:
+            require_pipeline_location(self.pretrained_model_name_or_path)
+        except PipelineError as error:
+            raise ConfigError(f"--pretrained_model_name_or_path: {error}") from None
+        try:
+            return DDIMScheduler.load_config(self.pretrained_model_name_or_path, subfolder="scheduler", revision=self.revision)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--pretrained_model_name_or_path {self.pretrained_model_name_or_path}: cannot read its "
+                              f"scheduler config ({str(error).strip().splitlines()[0]})") from None
+
+    @property
+    def uses_digits(self) -> bool:
+        """Whether the run trains on the embedded digits data (and so can be scored offline)."""
+        return not (self.prompts_file or self.train_data_dir)
+
+
+@dataclass
+class FakeScoreConfig(RunConfig):
+    """Flags shared by the methods that train a fake score against the student (DMD2, SiD)."""
+
+    critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate")
+    conditioning_timestep: int = field(625, "timestep of the student's first step from pure noise (SiD's 625; the DMD2 "
+                                            "paper's is 999); the export samples there")
+    gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)")
+    gan_critic_weight: float = field(0.0, "weight of the GAN term in the critic loss (0: off; needs real images)")
+    gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.critic_learning_rate > 0:
+            raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
+        for name in ("gan_generator_weight", "gan_critic_weight", "gan_max_timestep"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
+        if self.uses_gan and self.prompts_file:
+            raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
+                              "or set the GAN weights to 0")
+        last = self.teacher_scheduler_config()["num_train_timesteps"] - 1
+        if not 1 <= self.conditioning_timestep <= last:
+            raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
+                              f"(got {self.conditioning_timestep})")
+        if self.gan_max_timestep > last:
+            raise ConfigError(f"--gan_max_timestep must be ≤ {last}, the teacher's last timestep (got {self.gan_max_timestep})")
+
+    @property
+    def uses_gan(self) -> bool:
+        """Whether the diffusion-GAN term is on (its real images are then guaranteed by :meth:`validate`)."""
+        return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
+
+    def student_scheduler(self, teacher: Teacher) -> LCMScheduler:
+        """The exported scheduler; the student's timesteps are read off it (training and sampling agree)."""
+        return export.student_scheduler(teacher.pipeline.scheduler, first_timestep=self.conditioning_timestep)

@@ -1,0 +1,113 @@
+"""Before training: checked flags, logging, accelerator, seed, teacher, data, the output folder and batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from stepdistill import config as configs
+from stepdistill.data import digits, prompts as user_data
+from stepdistill.methods.base import Batch
+from stepdistill.models.networks import Networks
+from stepdistill.models.teacher import Teacher, load_teacher
+from stepdistill.run.flags import RunConfig
+from stepdistill.trainer import make_accelerator, require_data_parallel, set_cpu_threads
+
+
+def start(cfg: RunConfig) -> Accelerator:
+    """Logging (stepdistill's info lines on stderr), accelerator, threads and seed; nothing is written yet."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("stepdistill").setLevel(logging.INFO)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
+    require_data_parallel(accelerator)
+    set_cpu_threads(accelerator, cfg.num_threads)
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def open_output(cfg: RunConfig, accelerator: Accelerator, name: str) -> None:
+    """Create the output folder with ``config.json`` and start the trackers: call once the teacher
+    and data have loaded, so that a run refused for bad input leaves nothing behind."""
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        configs.save(cfg, Path(cfg.output_dir) / "config.json")
+    accelerator.init_trackers(f"stepdistill-{name}", config={k: str(v) if v is None else v for k, v in vars(cfg).items()})
+
+
+@dataclass
+class Setup:
+    """What a recipe starts from: the device, the frozen teacher, the prompts (and real latents), batches."""
+
+    accelerator: Accelerator
+    teacher: Teacher
+    prompts: list[str]
+    real_latents: torch.Tensor | None
+    next_batch: Callable[[], Batch]
+
+
+def set_up(cfg: RunConfig, name: str) -> Setup | None:
+    """Check the flags (``None`` on ``--dry_run``), then :func:`start`, load the teacher and the data,
+    :func:`open_output` and make the batch sampler. Any bad input fails before a file is written."""
+    cfg.validate()
+    if cfg.dry_run:
+        print("flags are valid; --dry_run set, exiting before loading any model")
+        return None
+    accelerator = start(cfg)
+    teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+    teacher.pipeline.to(accelerator.device)
+    prompts, real_latents = training_data(cfg, teacher)
+    open_output(cfg, accelerator, name)
+    next_batch = batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
+    return Setup(accelerator, teacher, prompts, real_latents, next_batch)
+
+
+def training_data(cfg: RunConfig, teacher: Teacher) -> tuple[list[str], torch.Tensor | None]:
+    """Prompts to train on and, when available, the matching real images' latents."""
+    if cfg.train_data_dir:
+        images, captions = user_data.read_image_folder(cfg.train_data_dir, image_size(teacher))
+        return captions, teacher.encode_images(images)
+    if cfg.prompts_file:
+        return user_data.read_prompts(cfg.prompts_file), None
+    train = digits.load_digits("train")  # the digits default: captions and images of the train split
+    return train.prompts, teacher.encode_images(train.images)
+
+
+def batch_sampler(
+    cfg: RunConfig, teacher: Teacher, prompts: list[str], real_latents: torch.Tensor | None, device: torch.device
+) -> Callable[[], Batch]:
+    """``next_batch()``: ``train_batch_size`` random prompts' cached text embeddings, the empty
+    prompt's, and the matching real latents (when there are any)."""
+    text = teacher.encode_prompts(prompts)
+    uncond = teacher.encode_prompts([""]).expand(cfg.train_batch_size, -1, -1).to(device)
+
+    def next_batch() -> Batch:
+        pick = torch.randint(len(text), (cfg.train_batch_size,))
+        return Batch(
+            text=text[pick].to(device), uncond=uncond,
+            real_latents=real_latents[pick].to(device) if real_latents is not None else None,
+        )
+
+    return next_batch
+
+
+def image_size(teacher: Teacher) -> int:
+    return teacher.unet.config.sample_size * teacher.pipeline.vae_scale_factor
+
+
+def scores_digits(cfg: RunConfig, teacher: Teacher) -> bool:
+    """Whether the offline digits metrics apply: digit prompts and 32×32 images."""
+    return cfg.uses_digits and image_size(teacher) == digits.IMAGE_SIZE
+
+
+def enable_gradient_checkpointing(cfg: RunConfig, nets: Networks) -> None:
+    """``--gradient_checkpointing``: recompute activations in every trained UNet (each shared one once)."""
+    if cfg.gradient_checkpointing:
+        trained = (n for n in (nets.student, nets.fake_score) if n is not None)
+        for unet in {id(n.unet): n.unet for n in trained}.values():
+            unet.enable_gradient_checkpointing()
