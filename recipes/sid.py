@@ -57,7 +57,7 @@ def main(cfg: SiDConfig) -> None:
     setup = run.set_up(cfg, "sid")
     if setup is None:  # --dry_run
         return
-    teacher, prompts = setup.teacher, setup.prompts
+    teacher = setup.teacher
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
     nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank,

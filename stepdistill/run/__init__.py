@@ -1,12 +1,16 @@
 """What every distillation run does around its method: flags, set-up, data, validation, export, report.
 
-A recipe subclasses :class:`RunConfig` with its method's flags and calls these in order:
+A recipe subclasses :class:`RunConfig` (or :class:`FakeScoreConfig`) with its method's flags and
+calls these in order:
 
     setup = set_up(cfg, "dmd2")     # checked flags, seeds, threads, teacher, data, config.json, batches
     ... build the networks and the method from setup.teacher ...
-    trainer = Trainer(trainer_config(cfg), ..., validate=make_validator(cfg, teacher, student, timesteps, prompts))
-    student_dir = export_student(cfg, teacher, trainer, student_unet, adapter)
-    final_report(cfg, teacher, prompts, student_dir, trainer.summary())
+    trainer = fake_score_trainer(cfg, setup, nets, method, cfg.critic_learning_rate)  # or Trainer(trainer_config(cfg), ...)
+    trainer.fit()
+    finish(cfg, setup, trainer, student_unet, adapter)   # export for plain diffusers, score it, report.json
+
+Modules: :mod:`.flags` (the shared flags), :mod:`.setup`, :mod:`.training` (trainer and validator
+assembly), :mod:`.end` (export and report), :mod:`.cli` (a recipe's ``__main__``).
 """
 
 from stepdistill.run.cli import command_line
