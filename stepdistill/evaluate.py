@@ -1,6 +1,12 @@
 """``python -m stepdistill evaluate``: score any diffusers text-to-image pipeline.
 
     python -m stepdistill evaluate --pipeline PATH --num_inference_steps 1,4,50 --guidance_scale 1,2
+    python -m stepdistill evaluate --scheduler DDPMScheduler --guidance_scale 1.25,1.5   # ancestral sampling
+
+An ancestral (stochastic) sampler draws from the distribution that the guided teacher's scores
+describe, which is what a distribution-matching student (DMD2, SiD) learns; the deterministic DDIM
+sampler at the same guidance scale can score differently. Comparing the two picks the guidance
+scale to distil.
 
 Prints a markdown table and writes ``evaluation.json`` and one image grid per setting to
 ``--output_dir``. On digit prompts (the default) it reports FD-digits against the held-out split,
@@ -13,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import SchedulerMixin
 
 from stepdistill import config as configs
 from stepdistill.assets import DIGITS_TEACHER
@@ -31,6 +39,7 @@ class EvaluateConfig:
     pipeline: str = field(str(DIGITS_TEACHER), "pipeline folder or hub id (default: the shipped digits teacher)")
     num_inference_steps: tuple[int, ...] = field((50,), "sampling steps, comma-separated (e.g. 1,2,4,50)")
     guidance_scale: tuple[float, ...] = field((1.0,), "classifier-free guidance scales, comma-separated")
+    scheduler: str | None = field(None, "diffusers scheduler class to sample with, e.g. DDPMScheduler (default: the pipeline's own)")
     num_samples: int = field(1000, "images per setting (digit prompts cycle 0..9)")
     prompts_file: str | None = field(None, "text file with one prompt per line, used cyclically (default: digit prompts)")
     seed: int = field(0, "seed of the initial noise (the same for every model)")
@@ -55,6 +64,8 @@ class EvaluateConfig:
             raise ConfigError("FID needs both --inception_weights and --fid_reference_dir")
         if self.fid_reference_dir is not None and not Path(self.fid_reference_dir).is_dir():
             raise ConfigError(f"--fid_reference_dir {self.fid_reference_dir} is not a folder")
+        if self.scheduler is not None:
+            scheduler_class(self.scheduler)
 
     def prompts(self) -> list[str]:
         if self.prompts_file is None:
@@ -63,6 +74,15 @@ class EvaluateConfig:
         if not lines:
             raise ConfigError(f"--prompts_file {self.prompts_file} has no prompts")
         return [lines[i % len(lines)] for i in range(self.num_samples)]
+
+
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called ``name``."""
+    found = getattr(diffusers, name, None)
+    if not (isinstance(found, type) and issubclass(found, SchedulerMixin)):
+        raise ConfigError(f"--scheduler {name} is not a diffusers scheduler class (e.g. DDPMScheduler, "
+                          "EulerAncestralDiscreteScheduler, DDIMScheduler)")
+    return found
 
 
 def load_image_folder(folder: str, size: int) -> torch.Tensor:
@@ -80,6 +100,8 @@ def load_image_folder(folder: str, size: int) -> torch.Tensor:
 def run(cfg: EvaluateConfig) -> list[report.Result]:
     prompts = cfg.prompts()
     pipe = load_pipeline(cfg.pipeline)
+    if cfg.scheduler is not None:
+        pipe.scheduler = scheduler_class(cfg.scheduler).from_config(pipe.scheduler.config)
     image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     use_digits = report.are_digit_prompts(prompts) and image_size == digits.IMAGE_SIZE
     if not use_digits and cfg.inception_weights is None and cfg.clip_model is None:
@@ -98,7 +120,7 @@ def run(cfg: EvaluateConfig) -> list[report.Result]:
         pipe, Path(cfg.pipeline).name or cfg.pipeline, cfg.num_inference_steps, cfg.guidance_scale,
         prompts, scorers, output_dir=output_dir, seed=cfg.seed, batch_size=cfg.batch_size,
     )
-    extra = {"pipeline": cfg.pipeline}
+    extra = {"pipeline": cfg.pipeline, "scheduler": type(pipe.scheduler).__name__}
     if scorers.digits is not None:
         extra["real_vs_real_fd_digits"] = scorers.digits.real_floor(cfg.num_samples)
     report.write_report(results, output_dir / "evaluation.json", **extra)

@@ -81,6 +81,18 @@ def test_prints_a_markdown_table(tiny_pipeline_dir, shipped_classifier, tmp_path
     assert (tmp_path / "evaluation.json").is_file()
 
 
+def test_scheduler_flag_samples_with_that_scheduler(tiny_pipeline_dir, shipped_classifier, evaluation, tmp_path):
+    # the ancestral sampler adds noise between steps, so at 2 steps it gives other images than the pipeline's DDIM
+    evaluate.main(["--pipeline", str(tiny_pipeline_dir), "--num_samples", "20", "--num_inference_steps", "1,2",
+                   "--guidance_scale", "1", "--batch_size", "10", "--scheduler", "DDPMScheduler",
+                   "--output_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["scheduler"] == "DDPMScheduler" and evaluation[1]["scheduler"] == "DDIMScheduler"
+    default = {r["num_inference_steps"]: r["fd_digits"] for r in evaluation[1]["results"] if r["guidance_scale"] == 1}
+    ancestral = {r["num_inference_steps"]: r["fd_digits"] for r in report["results"]}
+    assert ancestral[2] != pytest.approx(default[2], rel=1e-6)
+
+
 def test_missing_pipeline(tmp_path, capsys):
     missing = tmp_path / "no_such_pipeline"
     message = _error_message(["--pipeline", str(missing), "--output_dir", str(tmp_path)], capsys)
@@ -100,6 +112,8 @@ def test_missing_pipeline(tmp_path, capsys):
         (["--inception_weights", "pt_inception.pth"], "FID needs both --inception_weights and --fid_reference_dir"),
         (["--fid_reference_dir", "."], "FID needs both --inception_weights and --fid_reference_dir"),
         (["--num_sample", "10"], "unrecognized arguments"),
+        (["--scheduler", "DDPMPipeline"], "--scheduler DDPMPipeline is not a diffusers scheduler class"),
+        (["--scheduler", "NoSuchScheduler"], "--scheduler NoSuchScheduler is not a diffusers scheduler class"),
     ],
 )
 def test_bad_flags_fail_before_loading(tiny_pipeline_dir, tmp_path, capsys, flags, expected):
