@@ -40,7 +40,7 @@ class DMD2Config(run.FakeScoreConfig):
     output_dir: str = field("outputs/dmd2", "where checkpoints, the student and report.json go")
     max_train_steps: int = field(200, "student (generator) updates")
     learning_rate: float = field(3e-5, "student AdamW learning rate")
-    critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR)")
+    critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR; DMD2 uses 5-10)")
     gan_generator_weight: float = field(3e-3, "weight of the GAN term in the student loss (0: off; needs real images)")
     gan_critic_weight: float = field(1e-2, "weight of the GAN term in the critic loss (0: off; needs real images)")
     regression_weight: float = field(0.0, "DMD1 regression loss weight (latent MSE to teacher ODE outputs; 0: off)")
@@ -48,9 +48,8 @@ class DMD2Config(run.FakeScoreConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("critic_steps_per_generator_step", "num_regression_pairs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
+        if self.num_regression_pairs < 1:
+            raise ConfigError(f"--num_regression_pairs must be ≥ 1 (got {self.num_regression_pairs})")
         if self.regression_weight < 0:
             raise ConfigError(f"--regression_weight must be ≥ 0 (got {self.regression_weight})")
 

@@ -11,7 +11,8 @@ Papers: "Score identity Distillation" (Zhou et al. 2024), "Guided Score identity
 Data-Free One-Step Text-to-Image Generation" (SiD-LSG) and "Few-Step Diffusion via Score identity
 Distillation". Each training step (the math lives in ``stepdistill.methods.sid``):
 
-    1. one fake-score update: it denoises detached student samples (at ``--fake_guidance_scale``);
+    1. one fake-score update (the paper's; more with ``--critic_steps_per_generator_step``): it denoises
+       detached student samples (at ``--fake_guidance_scale``);
     2. one student update on SiD's loss: teacher (``--guidance_scale``) and fake score
        (``--fake_guidance_scale_generator``) denoise the same noised student sample, and the student
        moves to close the gap between them, through both networks' inputs;
@@ -37,7 +38,7 @@ class SiDConfig(run.FakeScoreConfig):
     """Distil a text-to-image diffusion model with Score identity Distillation (SiD, SiD-LSG, few-step SiD)."""
 
     output_dir: str = field("outputs/sid", "where checkpoints, the student and report.json go")
-    max_train_steps: int = field(400, "student updates (one fake-score update each)")
+    max_train_steps: int = field(400, "student updates")
     learning_rate: float = field(3e-5, "student AdamW learning rate")
     alpha: float = field(methods.sid.SID_ALPHA, "SiD's α: weight of −‖f_teacher − f_fake‖² in the student loss")
     fake_guidance_scale: float | None = field(None, "the fake score's CFG scale while it is trained (0: text-free; "
@@ -72,6 +73,7 @@ def main(cfg: SiDConfig) -> None:
         student_timesteps=export.student_timesteps(scheduler, cfg.num_student_steps),
         latent_shape=teacher.latent_shape,
         alpha=cfg.alpha,
+        critic_steps_per_generator_step=cfg.critic_steps_per_generator_step,
         teacher_guidance_scale=cfg.guidance_scale,
         fake_guidance_scale=cfg.guidance_scale if cfg.fake_guidance_scale is None else cfg.fake_guidance_scale,
         fake_guidance_scale_generator=(

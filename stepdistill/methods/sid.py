@@ -57,7 +57,7 @@ def sid_loss(
 
 @dataclass
 class SiD(FakeScoreDistillation):
-    """SiD / SiD-LSG / few-step SiD: one fake-score update per student update, as in the paper.
+    """SiD / SiD-LSG / few-step SiD: by default one fake-score update per student update, as in the paper.
 
     ``teacher_guidance_scale`` and ``fake_guidance_scale_generator`` are LSG's scales of the teacher
     and of the fake score in the student's loss; ``fake_guidance_scale`` (the base class's) is the

@@ -134,6 +134,7 @@ class FakeScoreConfig(RunConfig):
     """Flags shared by the methods that train a fake score against the student (DMD2, SiD)."""
 
     critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate")
+    critic_steps_per_generator_step: int = field(1, "fake-score updates per student update (TTUR)")
     conditioning_timestep: int = field(625, "timestep of the student's first step from pure noise (SiD's 625; the DMD2 "
                                             "paper's is 999); the export samples there")
     gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)")
@@ -144,6 +145,8 @@ class FakeScoreConfig(RunConfig):
         super().validate()
         if not self.critic_learning_rate > 0:
             raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
+        if self.critic_steps_per_generator_step < 1:
+            raise ConfigError(f"--critic_steps_per_generator_step must be ≥ 1 (got {self.critic_steps_per_generator_step})")
         for name in ("gan_generator_weight", "gan_critic_weight", "gan_max_timestep"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
