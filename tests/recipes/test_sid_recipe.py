@@ -43,7 +43,8 @@ def test_two_steps_then_export_and_report(sid, tiny_pipeline_dir, tmp_path, use_
 
 def test_few_step_student_from_an_initial_timestep_with_the_gan_term(sid, tiny_pipeline_dir, tmp_path):
     cfg = smoke_config(sid, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.01,
-                       gan_critic_weight=0.01, eval_num_samples=0, conditioning_timestep=625)
+                       gan_critic_weight=0.01, eval_num_samples=0, conditioning_timestep=625,
+                       critic_steps_per_generator_step=2)
     sid.main(cfg)
     assert all("critic/gan_critic" in row and "generator/gan_generator" in row for row in read_log(tmp_path))
     assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["timesteps"] == [625, 312]
@@ -56,6 +57,7 @@ def test_few_step_student_from_an_initial_timestep_with_the_gan_term(sid, tiny_p
         (["--alpha=-1"], "--alpha must be ≥ 0"),
         (["--fake_guidance_scale=-1"], "--fake_guidance_scale must be ≥ 0"),
         (["--critic_learning_rate", "0"], "--critic_learning_rate must be > 0"),
+        (["--critic_steps_per_generator_step", "0"], "--critic_steps_per_generator_step must be ≥ 1"),
         (["--gan_generator_weight", "0.1", "--prompts_file", "README.md"], "the GAN term needs real images"),
         (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
         (["--conditioning_timestep", "1000"], "--conditioning_timestep must be in [1, 999]"),
