@@ -5,21 +5,23 @@
     accelerate launch recipes/sid.py --guidance_scale 1 --fake_guidance_scale 0 --fake_guidance_scale_generator 0  # Zero-CFG
     accelerate launch recipes/sid.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompts_file prompts.txt --guidance_scale 4.5 --fake_guidance_scale_generator 4.5 --learning_rate 1e-6 \\
-        --critic_learning_rate 1e-6 --use_lora true --mixed_precision bf16        # SiD-LSG
+        --critic_learning_rate 1e-6 --critic_steps_per_generator_step 1 --use_lora true --mixed_precision bf16  # SiD-LSG
 
 Papers: "Score identity Distillation" (Zhou et al. 2024), "Guided Score identity Distillation for
 Data-Free One-Step Text-to-Image Generation" (SiD-LSG) and "Few-Step Diffusion via Score identity
 Distillation". Each training step (the math lives in ``stepdistill.methods.sid``):
 
-    1. one fake-score update (the paper's; more with ``--critic_steps_per_generator_step``): it denoises
-       detached student samples (at ``--fake_guidance_scale``);
+    1. ``--critic_steps_per_generator_step`` fake-score updates (3 by default: with the paper's 1 the
+       fake score lags the student here): it denoises detached student samples (at ``--fake_guidance_scale``);
     2. one student update on SiD's loss: teacher (``--guidance_scale``) and fake score
        (``--fake_guidance_scale_generator``) denoise the same noised student sample, and the student
        moves to close the gap between them, through both networks' inputs;
     3. few-step students train on a uniformly drawn step of their own sampler.
 
-No real images are needed; with ``--train_data_dir`` and a GAN weight, few-step SiD's diffusion-GAN
-term is added. Zero-CFG is ``--guidance_scale 1 --fake_guidance_scale 0 --fake_guidance_scale_generator 0``
+The default guidance is 1.25, not the 1.5 at which the digits teacher's DDIM samples score best: SiD
+matches the distribution the guided scores describe, and an ancestral sampler shows that one is best at
+1.25 (README, "Which guidance scale to distil"). No real images are needed; with ``--train_data_dir``
+and a GAN weight, few-step SiD's diffusion-GAN term is added. Zero-CFG is ``--guidance_scale 1 --fake_guidance_scale 0 --fake_guidance_scale_generator 0``
 (an unguided teacher, a text-free fake score); Anti-CFG gives the fake score a negative scale in the
 student's loss. The student is exported for plain diffusers like every other recipe's, and scored.
 """
@@ -40,6 +42,10 @@ class SiDConfig(run.FakeScoreConfig):
     output_dir: str = field("outputs/sid", "where checkpoints, the student and report.json go")
     max_train_steps: int = field(400, "student updates")
     learning_rate: float = field(3e-5, "student AdamW learning rate")
+    guidance_scale: float = field(1.25, "the teacher's CFG scale in the student loss (1.25: where the digits teacher's "
+                                        "guided scores describe its best distribution)")
+    critic_steps_per_generator_step: int = field(3, "fake-score updates per student update (the paper's 1 lags here)")
+    ema_decay: float = field(0.98, "EMA of the student weights that get exported (0: off)")
     alpha: float = field(methods.sid.SID_ALPHA, "SiD's α: weight of −‖f_teacher − f_fake‖² in the student loss")
     fake_guidance_scale: float | None = field(None, "the fake score's CFG scale while it is trained (0: text-free; "
                                                     "default: --guidance_scale, as SiD-LSG)")

@@ -62,8 +62,8 @@ def final_report(
     flags and the scores.
 
     On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
-    and for the teacher, with grids; otherwise a grid of the first 16 training prompts;
-    ``--eval_num_samples 0`` scores nothing. ``validation_curve.png``: the validations' FD-digits
+    and for the teacher (at ``cfg.teacher_report_guidance_scale``), with grids; otherwise a grid of
+    the first 16 training prompts; ``--eval_num_samples 0`` scores nothing. ``validation_curve.png``: the validations' FD-digits
     against steps, whenever the run validated on the digits. Students sample at
     ``student_guidance_scale`` (1: distilled in; else a guidance-scale input's value).
     """
@@ -79,8 +79,8 @@ def final_report(
                                   output_dir, seed=cfg.seed)
         if cfg.teacher_eval_steps:
             select_adapter(teacher.unet, None)  # with --use_lora the student's adapters live on the teacher's UNet
-            results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,), (cfg.guidance_scale,),
-                                       eval_prompts, scorers, output_dir, seed=cfg.seed)
+            results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,),
+                                       (cfg.teacher_report_guidance_scale,), eval_prompts, scorers, output_dir, seed=cfg.seed)
         extra["real_vs_real_fd_digits"] = floor = scorers.digits.real_floor(cfg.eval_num_samples)
         print(report.markdown_table(results))
         print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")

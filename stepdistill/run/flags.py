@@ -12,7 +12,7 @@ from diffusers.optimization import SchedulerType
 
 from stepdistill import config as configs
 from stepdistill import export
-from stepdistill.assets import DIGITS_TEACHER
+from stepdistill.assets import DIGITS_TEACHER, DIGITS_TEACHER_BEST_GUIDANCE
 from stepdistill.config import ConfigError, field
 from stepdistill.models.loading import PipelineError, require_pipeline_location
 from stepdistill.models.teacher import Teacher
@@ -34,7 +34,7 @@ class RunConfig:
     train_data_dir: str | None = field(None, "captioned image folder (metadata.jsonl) of real images")
     # student
     num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50)")
-    guidance_scale: float = field(1.5, "teacher classifier-free guidance distilled into the student (1.5 is the digits teacher's best)")
+    guidance_scale: float = field(DIGITS_TEACHER_BEST_GUIDANCE, "teacher classifier-free guidance distilled into the student (1.5 is the digits teacher's best)")
     # optimisation
     output_dir: str = field("outputs/run", "where checkpoints, the student and report.json go")
     max_train_steps: int = field(300, "student (generator) updates")
@@ -62,6 +62,8 @@ class RunConfig:
     num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a 16-image grid)")
     eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher; 0: none)")
     teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)")
+    teacher_eval_guidance_scale: float | None = field(None, "CFG scale of the report's teacher row (default: the shipped "
+                                                            "teacher's best, 1.5; another teacher's --guidance_scale)")
     dry_run: bool = field(False, "validate the flags and exit")
 
     def validate(self) -> None:
@@ -77,6 +79,8 @@ class RunConfig:
                      "validation_steps", "num_threads", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
+        if (self.teacher_eval_guidance_scale or 0) < 0:
+            raise ConfigError(f"--teacher_eval_guidance_scale must be ≥ 0 (got {self.teacher_eval_guidance_scale})")
         if self.num_student_steps > 50:
             raise ConfigError(f"--num_student_steps must be ≤ 50, the student scheduler's grid (got {self.num_student_steps})")
         if self.eval_num_samples == 1:
@@ -122,6 +126,15 @@ class RunConfig:
         except (OSError, ValueError) as error:
             raise ConfigError(f"--pretrained_model_name_or_path {self.pretrained_model_name_or_path}: cannot read its "
                               f"scheduler config ({str(error).strip().splitlines()[0]})") from None
+
+    @property
+    def teacher_report_guidance_scale(self) -> float:
+        """The CFG scale of the report's teacher row: the flag's, else the shipped teacher's best, else
+        the distilled scale."""
+        if self.teacher_eval_guidance_scale is not None:
+            return self.teacher_eval_guidance_scale
+        shipped = Path(self.pretrained_model_name_or_path).expanduser().resolve() == DIGITS_TEACHER
+        return DIGITS_TEACHER_BEST_GUIDANCE if shipped else self.guidance_scale
 
     @property
     def uses_digits(self) -> bool:

@@ -61,6 +61,7 @@ def test_few_step_student_from_an_initial_timestep_with_the_gan_term(sid, tiny_p
         (["--gan_generator_weight", "0.1", "--prompts_file", "README.md"], "the GAN term needs real images"),
         (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
         (["--conditioning_timestep", "1000"], "--conditioning_timestep must be in [1, 999]"),
+        (["--teacher_eval_guidance_scale=-1"], "--teacher_eval_guidance_scale must be ≥ 0"),
     ],
 )
 def test_bad_flags_fail_before_loading(sid, flags, message, capsys):
@@ -68,3 +69,12 @@ def test_bad_flags_fail_before_loading(sid, flags, message, capsys):
         configs.parse(sid.SiDConfig, flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_report_compares_with_the_shipped_teachers_best_guidance(sid, tiny_pipeline_dir):
+    # SiD distils CFG 1.25 on the digits; its report's teacher row stays the bar's reference, CFG 1.5
+    assert sid.SiDConfig().guidance_scale == 1.25
+    assert sid.SiDConfig().teacher_report_guidance_scale == 1.5
+    other = sid.SiDConfig(pretrained_model_name_or_path=str(tiny_pipeline_dir), guidance_scale=4.5)
+    assert other.teacher_report_guidance_scale == 4.5  # another teacher: the distilled scale
+    assert sid.SiDConfig(teacher_eval_guidance_scale=2.0).teacher_report_guidance_scale == 2.0
