@@ -6,6 +6,10 @@
   prompt asked for (the offline stand-in for CLIP score).
 * **Real-vs-real floor**: FD-digits of ``n`` train images against the held-out split, the value a
   perfect generator would get at the same sample size (FD is biased upwards for small sets).
+* **Train-copy share** (the memorisation check for recipes that see real images): the share of
+  generated images whose nearest train image, in the same feature space, is closer than the
+  ``COPY_QUANTILE`` quantile of the held-out images' nearest-train distances. Unseen real digits score
+  ``COPY_QUANTILE`` (5%) by construction; a student that copies its training images scores more.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from stepdistill.assets import DIGITS_CLASSIFIER
 from stepdistill.data import digits
 from stepdistill.evaluation.classifier import DigitClassifier
 from stepdistill.evaluation.frechet import frechet_distance
+
+COPY_QUANTILE = 0.05
 
 
 class DigitsEvaluator:
@@ -52,6 +58,18 @@ class DigitsEvaluator:
                 "For other models use FID/CLIP (--inception_weights / --clip_model)."
             )
         return {"fd_digits": self.fd(images), "prompt_accuracy": self.prompt_accuracy(images, prompts)}
+
+    def train_copy_share(self, images: torch.Tensor) -> float:
+        """The share of ``images`` nearer (in feature space) to a train image than all but
+        ``COPY_QUANTILE`` of the held-out digits are; about ``COPY_QUANTILE`` for unseen real data."""
+        if not hasattr(self, "_train_features"):
+            self._train_features = self.features(digits.load_digits("train").images)
+            heldout_distances = self._nearest_train_distance(self.reference_features)
+            self._copy_threshold = torch.quantile(heldout_distances, COPY_QUANTILE)
+        return (self._nearest_train_distance(self.features(images)) < self._copy_threshold).float().mean().item()
+
+    def _nearest_train_distance(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(features.double(), self._train_features.double()).min(dim=1).values
 
     def real_floor(self, num_samples: int) -> float:
         """FD-digits of the first ``num_samples`` train images (at most 1,347) against the held-out split."""

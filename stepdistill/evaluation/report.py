@@ -32,6 +32,7 @@ class Result:
     images_per_s: float
     fd_digits: float | None = None
     prompt_accuracy: float | None = None
+    train_copy_share: float | None = None
     fid: float | None = None
     clip_score: float | None = None
 
@@ -73,6 +74,7 @@ def evaluate(
             if scorers.digits is not None:
                 scores = scorers.digits.evaluate(images, prompts)
                 result.fd_digits, result.prompt_accuracy = scores["fd_digits"], scores["prompt_accuracy"]
+                result.train_copy_share = scorers.digits.train_copy_share(images)
             if scorers.inception_weights is not None:
                 result.fid = reference_metrics.fid(scorers.fid_reference, images, scorers.inception_weights)
             if scorers.clip_model is not None:

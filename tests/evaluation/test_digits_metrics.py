@@ -69,6 +69,20 @@ def test_features_do_not_depend_on_batching(digits_evaluator, heldout, shipped_c
     torch.testing.assert_close(small_batches.features(images), digits_evaluator.features(images), rtol=1e-4, atol=1e-5)
 
 
+def test_train_copy_share_of_real_digits(digits_evaluator, heldout):
+    from stepdistill.evaluation.digits_metrics import COPY_QUANTILE
+
+    train = digits.load_digits("train")
+    # the train images are their own nearest neighbours (distance 0): all of them count as copies
+    assert digits_evaluator.train_copy_share(train.images[:200]) == 1.0
+    # the threshold is the held-out split's own quantile: unseen digits score the quantile (±1 image)
+    assert abs(digits_evaluator.train_copy_share(heldout.images) - COPY_QUANTILE) <= 1 / len(heldout)
+
+
+def test_train_copy_share_of_noise_is_zero(digits_evaluator, noise_images):
+    assert digits_evaluator.train_copy_share(noise_images) == 0.0
+
+
 def test_evaluate_rejects_other_image_sizes(digits_evaluator):
     images = torch.zeros(4, 3, 16, 16)
     with pytest.raises(ValueError, match="32×32"):
