@@ -128,6 +128,12 @@ def _ratio_rows(results: list[report.Result], reference: report.Result) -> list[
     ]
 
 
+def train_copies_cell(row: dict) -> str:
+    """The train-copy share of a results row; results.json files written before it existed have none."""
+    share = row.get("train_copy_share")
+    return "–" if share is None else f"{share:.3f}"
+
+
 def markdown(summary: dict) -> str:
     """The README's Results tables from a ``results.json`` summary."""
     m, reference = summary["machine"], summary["reference"]
@@ -138,13 +144,13 @@ def markdown(summary: dict) -> str:
         f"{reference['num_inference_steps']}-step CFG {reference['guidance_scale']:g} row "
         f"(FD {reference['fd_digits']:.3f}); speed-ups are images/s ratios measured in the same run, beside the NFE ratio.",
         "",
-        "| model | steps | CFG | NFE | FD-digits | FD / teacher | prompt acc. | images/s | speed-up (wall) | speed-up (NFE) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | steps | CFG | NFE | FD-digits | FD / teacher | prompt acc. | train copies | images/s | speed-up (wall) | speed-up (NFE) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["results"]:
         lines.append(
             f"| {r['model']} | {r['num_inference_steps']} | {r['guidance_scale']:g} | {r['nfe']} | {r['fd_digits']:.3f} | "
-            f"{r['fd_ratio_to_teacher']:.2f}× | {r['prompt_accuracy']:.3f} | {r['images_per_s']:.1f} | "
+            f"{r['fd_ratio_to_teacher']:.2f}× | {r['prompt_accuracy']:.3f} | {train_copies_cell(r)} | {r['images_per_s']:.1f} | "
             f"{r['speedup_wall']:.1f}× | {r['speedup_nfe']:.0f}× |"
         )
     lines += ["", "| recipe | training steps | training time (min) | steps/s | peak RSS (GiB) | best validation FD (step) |",

@@ -41,10 +41,12 @@ def test_bench_trains_every_recipe_and_scores_side_by_side(summary):
     assert rows[("dmd2", 1)]["speedup_nfe"] == 4  # 2 CFG steps (4 calls) against 1 call
     for row in result["results"]:
         assert math.isfinite(row["fd_digits"]) and 0 <= row["prompt_accuracy"] <= 1
+        assert 0 <= row["train_copy_share"] <= 1
     on_disk = json.loads((output_dir / "results.json").read_text())
     assert on_disk["results"] == result["results"]
     table = (output_dir / "results.md").read_text()
     assert all(f"| {name} | 1 |" in table for name in bench.BENCHMARKED_RECIPES)
+    assert "| train copies |" in table and f"| {rows[('dmd2', 1)]['train_copy_share']:.3f} |" in table
     for name in ("fd_vs_sampling_steps.png", "fd_vs_training_time.png", "grids.png"):
         assert (output_dir / name).stat().st_size > 0
 
