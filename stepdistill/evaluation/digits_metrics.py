@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -24,6 +25,11 @@ from stepdistill.evaluation.classifier import DigitClassifier
 from stepdistill.evaluation.frechet import frechet_distance
 
 COPY_QUANTILE = 0.05
+
+
+def nearest_distance(features: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Each row's Euclidean distance to its nearest row of ``candidates`` (in float64)."""
+    return torch.cdist(features.double(), candidates.double()).min(dim=1).values
 
 
 class DigitsEvaluator:
@@ -62,14 +68,14 @@ class DigitsEvaluator:
     def train_copy_share(self, images: torch.Tensor) -> float:
         """The share of ``images`` nearer (in feature space) to a train image than all but
         ``COPY_QUANTILE`` of the held-out digits are; about ``COPY_QUANTILE`` for unseen real data."""
-        if not hasattr(self, "_train_features"):
-            self._train_features = self.features(digits.load_digits("train").images)
-            heldout_distances = self._nearest_train_distance(self.reference_features)
-            self._copy_threshold = torch.quantile(heldout_distances, COPY_QUANTILE)
-        return (self._nearest_train_distance(self.features(images)) < self._copy_threshold).float().mean().item()
+        train_features, threshold = self._copy_reference
+        return (nearest_distance(self.features(images), train_features) < threshold).float().mean().item()
 
-    def _nearest_train_distance(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(features.double(), self._train_features.double()).min(dim=1).values
+    @cached_property
+    def _copy_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The train split's features and the ``COPY_QUANTILE`` quantile of the held-out digits' distances to them."""
+        train_features = self.features(digits.load_digits("train").images)
+        return train_features, torch.quantile(nearest_distance(self.reference_features, train_features), COPY_QUANTILE)
 
     def real_floor(self, num_samples: int) -> float:
         """FD-digits of the first ``num_samples`` train images (at most 1,347) against the held-out split."""
