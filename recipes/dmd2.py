@@ -80,7 +80,7 @@ def main(cfg: DMD2Config) -> None:
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it), and
     #    the GAN head on the fake score's features when real images are given (the digits by default)
     nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank,
-                                   with_discriminator=cfg.uses_gan)
+                                   with_discriminator=cfg.uses_gan, fake_score_steps=cfg.fake_score_steps)
     run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: DMD2's losses on the student's timesteps, read off the exported scheduler
@@ -95,6 +95,7 @@ def main(cfg: DMD2Config) -> None:
         gan_generator_weight=cfg.gan_generator_weight,
         gan_critic_weight=cfg.gan_critic_weight,
         gan_max_timestep=cfg.gan_max_timestep,
+        per_step_fake_score=cfg.per_step_fake_score,
         regression_weight=cfg.regression_weight,
         regression_pairs=regression_pairs(teacher, prompts, cfg) if cfg.regression_weight else None,
     )

@@ -68,7 +68,7 @@ def main(cfg: SiDConfig) -> None:
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
     nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank,
-                                   with_discriminator=cfg.uses_gan)
+                                   with_discriminator=cfg.uses_gan, fake_score_steps=cfg.fake_score_steps)
     run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: SiD's loss on the student's timesteps, read off the exported scheduler
@@ -88,6 +88,7 @@ def main(cfg: SiDConfig) -> None:
         gan_generator_weight=cfg.gan_generator_weight,
         gan_critic_weight=cfg.gan_critic_weight,
         gan_max_timestep=cfg.gan_max_timestep,
+        per_step_fake_score=cfg.per_step_fake_score,
     )
 
     # 4. train: a fake-score update, then a student update, every step; validate now and then

@@ -64,17 +64,17 @@ class DMD2(FakeScoreDistillation):
 
     def generator_loss(self, batch: Batch) -> Losses:
         # 1. generate with the student (backward simulation for multi-step students)
-        x = self.generate(batch)
+        x, step = self.generate(batch)
         # 2. distribution matching: diffuse x, compare teacher (CFG) and fake score denoisers
         x_t, t, _ = self.noised(x.detach(), *self.score_timestep_range())
         with torch.no_grad():
             real_x0 = self.nets.teacher(x_t, t, batch.text, batch.uncond, self.guidance_scale).x0
-            fake_x0 = self.nets.fake_score(x_t, t, batch.text).x0
+            fake_x0 = self.nets.fake_score(x_t, t, batch.text, step=step).x0
         losses: Losses = {"dmd": dmd_surrogate_loss(x, dmd_gradient(x.detach(), real_x0, fake_x0))}
         total = losses["dmd"]
         # 3. GAN generator term: the discriminator should call noised student samples real
         if self.gan_generator_weight > 0:
-            losses["gan_generator"] = self.gan_generator_term(x, batch)
+            losses["gan_generator"] = self.gan_generator_term(x, step, batch)
             total = total + self.gan_generator_weight * losses["gan_generator"]
         # 4. optional regression onto teacher ODE outputs (DMD eq. 9)
         if self.regression_weight > 0:

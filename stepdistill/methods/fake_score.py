@@ -8,7 +8,12 @@ the student's current distribution (DMD2 §4.1, SiD §3). They differ only in th
 
 Multi-step students train on their own sampler's states (DMD2 §4.3 "backward simulation"; few-step
 SiD trains on the uniform mixture of its generation steps, the same draw): pick a step k of the N,
-run the student's sampler k steps without gradient, then take step k with gradient.
+run the student's sampler k steps without gradient, then take step k with gradient. In both papers
+one fake score learns the mixture of all steps' outputs, so each step is pushed until the *mixture*
+matches the data, and a blurry first step can be paid for by an over-sharp last one. With
+``per_step_fake_score`` (not in the papers) the fake score is told k through a step embedding
+(:class:`~stepdistill.models.networks.StepEmbedding`) and learns each step's distribution apart,
+so that every step is matched to the data on its own.
 
 Diffusion-GAN (DMD2 §4.2): a classifier head on the fake score's mid-block features tells noised
 real latents from noised student samples (non-saturating loss) at noise levels up to
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 
 from stepdistill.diffusion import NoiseProcess, few_step_sample, uniform_timesteps
 from stepdistill.methods.base import Batch, Losses
-from stepdistill.models.networks import Networks
+from stepdistill.models.networks import Networks, step_embedding_size
 
 
 def denoising_loss(eps_prediction: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -62,6 +67,7 @@ class FakeScoreDistillation:
     gan_generator_weight: float = 0.0
     gan_critic_weight: float = 0.0
     gan_max_timestep: int = 999
+    per_step_fake_score: bool = False
 
     def __post_init__(self) -> None:
         if not self.student_timesteps:
@@ -77,6 +83,9 @@ class FakeScoreDistillation:
             raise ValueError(f"gan_max_timestep must be in [0, {self.process.num_train_timesteps - 1}] (got {self.gan_max_timestep})")
         if self.uses_gan and self.nets.discriminator is None:
             raise ValueError("a GAN weight > 0 needs networks built with a discriminator")
+        if self.per_step_fake_score and step_embedding_size(self.nets.fake_score.unet) != len(self.student_timesteps):
+            raise ValueError(f"a per-step fake score of a {len(self.student_timesteps)}-step student needs networks built "
+                             f"with fake_score_steps={len(self.student_timesteps)}")
         first = self.student_timesteps[0]
         if self.process.prediction_type == "epsilon" and self.process.alphas_cumprod[first] < 1e-4:
             raise ValueError(
@@ -92,10 +101,11 @@ class FakeScoreDistillation:
     def _student_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.nets.student(x_t, t, text).x0
 
-    def generate(self, batch: Batch) -> torch.Tensor:
+    def generate(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Student samples x = G(x_{t_k}, t_k) with gradient; for N-step students t_k is drawn
         uniformly from the student's timesteps and x_{t_k} comes from running the student's own
-        sampler for k steps without gradient (backward simulation)."""
+        sampler for k steps without gradient (backward simulation). Also returns what the fake score
+        is told of x's origin: k per sample for a per-step fake score, else ``None``."""
         noise = torch.randn((batch.size, *self.latent_shape), device=batch.text.device)
         steps = self.student_timesteps
         k = int(torch.randint(len(steps), ())) if len(steps) > 1 else 0
@@ -105,7 +115,8 @@ class FakeScoreDistillation:
                     lambda x, t: self._student_x0(x, t, batch.text), noise, steps, self.process, stop_before=k
                 )
         t = torch.full((batch.size,), steps[k], dtype=torch.long, device=noise.device)
-        return self._student_x0(noise, t, batch.text)
+        step = torch.full_like(t, k) if self.per_step_fake_score else None
+        return self._student_x0(noise, t, batch.text), step
 
     def noised(self, x: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, ε) with t ~ U{low..high} per sample and x_t = α_t x + σ_t ε."""
@@ -118,28 +129,29 @@ class FakeScoreDistillation:
         last = self.process.num_train_timesteps - 1
         return int(self.min_timestep_fraction * last), int(self.max_timestep_fraction * last)
 
-    def gan_generator_term(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def gan_generator_term(self, x: torch.Tensor, step: torch.Tensor | None, batch: Batch) -> torch.Tensor:
         """The student's GAN loss: the discriminator should call noised student samples real."""
         x_gan, t, _ = self.noised(x, 0, self.gan_max_timestep)
-        return gan_generator_loss(self.nets.discriminator(self.nets.fake_score.features(x_gan, t, batch.text)))
+        return gan_generator_loss(self.nets.discriminator(self.nets.fake_score.features(x_gan, t, batch.text, step)))
 
     def critic_loss(self, batch: Batch) -> Losses:
         # the fake score denoises detached student samples (with its own guidance, if any)
         with torch.no_grad():
-            x = self.generate(batch)
+            x, step = self.generate(batch)
         x_t, t, eps = self.noised(x, 0, self.process.num_train_timesteps - 1)
-        prediction = self.nets.fake_score(x_t, t, batch.text, batch.uncond, self.fake_guidance_scale)
+        prediction = self.nets.fake_score(x_t, t, batch.text, batch.uncond, self.fake_guidance_scale, step=step)
         losses: Losses = {"fake_score": denoising_loss(prediction.eps, eps)}
         total = losses["fake_score"]
         # the discriminator: noised real latents vs noised student samples at the same t ≤ gan_max_timestep
+        # (a per-step fake score sees the real ones as step k's target)
         if self.gan_critic_weight > 0:
             if batch.real_latents is None:
                 raise ValueError("the GAN term needs real images in the batch (real_latents)")
             fake_gan, gan_t, _ = self.noised(x, 0, self.gan_max_timestep)
             real_gan = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), gan_t)
             losses["gan_critic"] = gan_critic_loss(
-                self.nets.discriminator(self.nets.fake_score.features(real_gan, gan_t, batch.text)),
-                self.nets.discriminator(self.nets.fake_score.features(fake_gan, gan_t, batch.text)),
+                self.nets.discriminator(self.nets.fake_score.features(real_gan, gan_t, batch.text, step)),
+                self.nets.discriminator(self.nets.fake_score.features(fake_gan, gan_t, batch.text, step)),
             )
             total = total + self.gan_critic_weight * losses["gan_critic"]
         losses["loss"] = total

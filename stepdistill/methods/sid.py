@@ -77,16 +77,16 @@ class SiD(FakeScoreDistillation):
 
     def generator_loss(self, batch: Batch) -> Losses:
         # 1. x_g from the student (backward simulation for few-step students), diffused with gradient
-        x_g = self.generate(batch)
+        x_g, step = self.generate(batch)
         x_t, t, _ = self.noised(x_g, *self.score_timestep_range())
         # 2. both denoisers at the same x_t; their inputs carry the student's gradient
         real_x0 = self.nets.teacher(x_t, t, batch.text, batch.uncond, self.teacher_guidance_scale).x0
-        fake_x0 = self.nets.fake_score(x_t, t, batch.text, batch.uncond, self.fake_guidance_scale_generator).x0
+        fake_x0 = self.nets.fake_score(x_t, t, batch.text, batch.uncond, self.fake_guidance_scale_generator, step=step).x0
         losses: Losses = {"sid": sid_loss(x_g, real_x0, fake_x0, self.alpha)}
         total = losses["sid"]
         # 3. optional diffusion-GAN term (few-step SiD, when real images are given)
         if self.gan_generator_weight > 0:
-            losses["gan_generator"] = self.gan_generator_term(x_g, batch)
+            losses["gan_generator"] = self.gan_generator_term(x_g, step, batch)
             total = total + self.gan_generator_weight * losses["gan_generator"]
         losses["loss"] = total
         return losses

@@ -3,7 +3,8 @@
 Full mode keeps three UNets: the frozen teacher and two trainable copies of it. LoRA mode keeps
 ONE frozen UNet with two peft LoRA adapters, ``student`` and ``fake_score``; the teacher is that
 UNet with adapters off. LoRA B-matrices start at zero, so in both modes student and fake score
-start as exact copies of the teacher.
+start as exact copies of the teacher. A full fake score may also be told which step of a
+few-step student made its input (:class:`StepEmbedding`), also zero at the start.
 """
 
 from __future__ import annotations
@@ -41,6 +42,39 @@ class DiscriminatorHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features.float()).squeeze(1)
+
+
+class StepEmbedding(nn.Module):
+    """One learned vector per generation step of a few-step student, added to the fake score's time
+    embedding (the UNet's class-embedding slot), so that one network learns the distribution of each
+    step's outputs apart instead of their mixture.
+
+    The table starts at zero, so the fake score starts as the teacher, and is read × ``gain``: Adam
+    moves a weight by about the learning rate per update, and at the critic's 1e-4 an unscaled table
+    would need thousands of updates to reach the time embedding's scale (mean |·| ≈ 0.3 on the digits teacher).
+    """
+
+    def __init__(self, num_steps: int, dim: int, gain: float = 10.0) -> None:
+        super().__init__()
+        self.table = nn.Embedding(num_steps, dim)
+        nn.init.zeros_(self.table.weight)
+        self.gain = gain
+
+    def forward(self, step: torch.Tensor) -> torch.Tensor:
+        return self.gain * self.table(step)
+
+
+def add_step_embedding(unet: nn.Module, num_steps: int) -> None:
+    """Give a full-weight UNet a :class:`StepEmbedding` of ``num_steps`` entries (then every call needs the step)."""
+    if unet.class_embedding is not None:
+        raise ValueError("this UNet already has a class embedding: a per-step fake score needs that slot free")
+    unet.class_embedding = StepEmbedding(num_steps, unet.time_embedding.linear_2.out_features)
+
+
+def step_embedding_size(unet: nn.Module) -> int:
+    """How many steps the UNet's :class:`StepEmbedding` tells apart (0: it has none)."""
+    embedding = getattr(unet, "class_embedding", None)
+    return embedding.table.num_embeddings if isinstance(embedding, StepEmbedding) else 0
 
 
 @dataclass
@@ -82,11 +116,16 @@ def build_networks(
     with_discriminator: bool = False,
     with_fake_score: bool = True,
     guidance_embedding_dim: int | None = None,
+    fake_score_steps: int = 1,
 ) -> Networks:
     """Student and (unless ``with_fake_score=False``) fake score initialised from the teacher,
-    full copies or LoRA adapters; ``guidance_embedding_dim`` gives a full student a guidance-scale input."""
+    full copies or LoRA adapters; ``guidance_embedding_dim`` gives a full student a guidance-scale
+    input, ``fake_score_steps`` > 1 a full fake score a :class:`StepEmbedding` of that many steps."""
     if guidance_embedding_dim is not None and use_lora:
         raise ValueError("a guidance-scale input needs a full-weight student: LoRA cannot add the projection layer")
+    if fake_score_steps > 1 and (use_lora or not with_fake_score):
+        raise ValueError("a per-step fake score needs a full-weight fake score: LoRA adapters share the UNet with "
+                         "the teacher, which has no step input")
     teacher_unet.requires_grad_(False).eval()
     adapters = (STUDENT, FAKE_SCORE) if with_fake_score else (STUDENT,)
     if use_lora:
@@ -103,6 +142,8 @@ def build_networks(
                         else with_guidance_embedding(teacher_unet, guidance_embedding_dim))
         student_unet.requires_grad_(True).train()
         fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True).train() if with_fake_score else None
+        if fake_score_steps > 1:
+            add_step_embedding(fake_unet, fake_score_steps)
     discriminator = None
     if with_discriminator:
         discriminator = DiscriminatorHead(teacher_unet.config.block_out_channels[-1])

@@ -153,6 +153,9 @@ class FakeScoreConfig(RunConfig):
     gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)")
     gan_critic_weight: float = field(0.0, "weight of the GAN term in the critic loss (0: off; needs real images)")
     gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
+    per_step_fake_score: bool = field(False, "few-step students: tell the fake score which step made each sample, so "
+                                             "it learns each step's outputs apart, not their mixture (not in the "
+                                             "papers; full weights only)")
 
     def validate(self) -> None:
         super().validate()
@@ -170,6 +173,9 @@ class FakeScoreConfig(RunConfig):
         if not 1 <= self.conditioning_timestep <= last:
             raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
                               f"(got {self.conditioning_timestep})")
+        if self.per_step_fake_score and (self.use_lora or self.num_student_steps == 1):
+            raise ConfigError("--per_step_fake_score needs --num_student_steps > 1 and a full-weight fake score "
+                              "(--use_lora false): LoRA shares the UNet with the teacher, which has no step input")
         if self.gan_max_timestep > last:
             raise ConfigError(f"--gan_max_timestep must be ≤ {last}, the teacher's last timestep (got {self.gan_max_timestep})")
 
@@ -177,6 +183,11 @@ class FakeScoreConfig(RunConfig):
     def uses_gan(self) -> bool:
         """Whether the diffusion-GAN term is on (its real images are then guaranteed by :meth:`validate`)."""
         return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
+
+    @property
+    def fake_score_steps(self) -> int:
+        """How many generation steps the fake score tells apart (1: it learns their mixture)."""
+        return self.num_student_steps if self.per_step_fake_score else 1
 
     def student_scheduler(self, teacher: Teacher) -> LCMScheduler:
         """The exported scheduler; the student's timesteps are read off it (training and sampling agree)."""

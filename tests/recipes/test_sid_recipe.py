@@ -41,10 +41,11 @@ def test_two_steps_then_export_and_report(sid, tiny_pipeline_dir, tmp_path, use_
         assert type(load_pipeline(student).scheduler).__name__ == "LCMScheduler"
 
 
-def test_few_step_student_from_an_initial_timestep_with_the_gan_term(sid, tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("per_step_fake_score", [False, True])
+def test_few_step_student_from_an_initial_timestep_with_the_gan_term(sid, tiny_pipeline_dir, tmp_path, per_step_fake_score):
     cfg = smoke_config(sid, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.01,
                        gan_critic_weight=0.01, eval_num_samples=0, conditioning_timestep=625,
-                       critic_steps_per_generator_step=2)
+                       critic_steps_per_generator_step=2, per_step_fake_score=per_step_fake_score)
     sid.main(cfg)
     assert all("critic/gan_critic" in row and "generator/gan_generator" in row for row in read_log(tmp_path))
     assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["timesteps"] == [625, 312]
@@ -62,6 +63,8 @@ def test_few_step_student_from_an_initial_timestep_with_the_gan_term(sid, tiny_p
         (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
         (["--conditioning_timestep", "1000"], "--conditioning_timestep must be in [1, 999]"),
         (["--teacher_eval_guidance_scale=-1"], "--teacher_eval_guidance_scale must be ≥ 0"),
+        (["--per_step_fake_score", "true"], "--per_step_fake_score needs --num_student_steps > 1"),
+        (["--per_step_fake_score", "true", "--num_student_steps", "4", "--use_lora", "true"], "full-weight fake score"),
     ],
 )
 def test_bad_flags_fail_before_loading(sid, flags, message, capsys):
