@@ -95,7 +95,6 @@ def main(cfg: DMD2Config) -> None:
         gan_generator_weight=cfg.gan_generator_weight,
         gan_critic_weight=cfg.gan_critic_weight,
         gan_max_timestep=cfg.gan_max_timestep,
-        per_step_fake_score=cfg.per_step_fake_score,
         regression_weight=cfg.regression_weight,
         regression_pairs=regression_pairs(teacher, prompts, cfg) if cfg.regression_weight else None,
     )

@@ -2,6 +2,7 @@
 
     accelerate launch recipes/sid.py                                   # the shipped digits teacher, offline
     accelerate launch recipes/sid.py --num_student_steps 4             # few-step SiD
+    accelerate launch recipes/sid.py --num_student_steps 4 --per_step_fake_score true  # a fake score per step
     accelerate launch recipes/sid.py --guidance_scale 1 --fake_guidance_scale 0 --fake_guidance_scale_generator 0  # Zero-CFG
     accelerate launch recipes/sid.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompts_file prompts.txt --guidance_scale 4.5 --fake_guidance_scale_generator 4.5 --learning_rate 1e-6 \\
@@ -16,7 +17,8 @@ Distillation". Each training step (the math lives in ``stepdistill.methods.sid``
     2. one student update on SiD's loss: teacher (``--guidance_scale``) and fake score
        (``--fake_guidance_scale_generator``) denoise the same noised student sample, and the student
        moves to close the gap between them, through both networks' inputs;
-    3. few-step students train on a uniformly drawn step of their own sampler.
+    3. few-step students train on a uniformly drawn step of their own sampler; the fake score learns
+       the mixture of all steps' outputs (the paper), or with ``--per_step_fake_score`` each step's apart.
 
 The default guidance is 1.25, not the 1.5 at which the digits teacher's DDIM samples score best: SiD
 matches the distribution the guided scores describe, and an ancestral sampler shows that one is best at
@@ -88,7 +90,6 @@ def main(cfg: SiDConfig) -> None:
         gan_generator_weight=cfg.gan_generator_weight,
         gan_critic_weight=cfg.gan_critic_weight,
         gan_max_timestep=cfg.gan_max_timestep,
-        per_step_fake_score=cfg.per_step_fake_score,
     )
 
     # 4. train: a fake-score update, then a student update, every step; validate now and then

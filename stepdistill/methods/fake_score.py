@@ -10,10 +10,9 @@ Multi-step students train on their own sampler's states (DMD2 §4.3 "backward si
 SiD trains on the uniform mixture of its generation steps, the same draw): pick a step k of the N,
 run the student's sampler k steps without gradient, then take step k with gradient. In both papers
 one fake score learns the mixture of all steps' outputs, so each step is pushed until the *mixture*
-matches the data, and a blurry first step can be paid for by an over-sharp last one. With
-``per_step_fake_score`` (not in the papers) the fake score is told k through a step embedding
-(:class:`~stepdistill.models.networks.StepEmbedding`) and learns each step's distribution apart,
-so that every step is matched to the data on its own.
+matches the data, and a blurry first step can be paid for by an over-sharp last one. A fake score
+built with a step embedding (:class:`~stepdistill.models.networks.StepEmbedding`, not in the papers)
+is told k and learns each step's distribution apart, so that every step is matched to the data on its own.
 
 Diffusion-GAN (DMD2 §4.2): a classifier head on the fake score's mid-block features tells noised
 real latents from noised student samples (non-saturating loss) at noise levels up to
@@ -67,7 +66,6 @@ class FakeScoreDistillation:
     gan_generator_weight: float = 0.0
     gan_critic_weight: float = 0.0
     gan_max_timestep: int = 999
-    per_step_fake_score: bool = False
 
     def __post_init__(self) -> None:
         if not self.student_timesteps:
@@ -83,9 +81,10 @@ class FakeScoreDistillation:
             raise ValueError(f"gan_max_timestep must be in [0, {self.process.num_train_timesteps - 1}] (got {self.gan_max_timestep})")
         if self.uses_gan and self.nets.discriminator is None:
             raise ValueError("a GAN weight > 0 needs networks built with a discriminator")
-        if self.per_step_fake_score and step_embedding_size(self.nets.fake_score.unet) != len(self.student_timesteps):
-            raise ValueError(f"a per-step fake score of a {len(self.student_timesteps)}-step student needs networks built "
-                             f"with fake_score_steps={len(self.student_timesteps)}")
+        if step_embedding_size(self.nets.fake_score.unet) not in (0, len(self.student_timesteps)):
+            raise ValueError(f"the fake score tells {step_embedding_size(self.nets.fake_score.unet)} steps apart, the "
+                             f"student has {len(self.student_timesteps)}: build the networks with fake_score_steps=1 or "
+                             f"{len(self.student_timesteps)}")
         first = self.student_timesteps[0]
         if self.process.prediction_type == "epsilon" and self.process.alphas_cumprod[first] < 1e-4:
             raise ValueError(
@@ -93,6 +92,11 @@ class FakeScoreDistillation:
                 "one-step x0 at its first timestep (x0 = (x_t − σ ε) / α explodes); use a teacher with Stable "
                 "Diffusion's scaled_linear schedule or a v-prediction teacher"
             )
+
+    @property
+    def per_step_fake_score(self) -> bool:
+        """Whether the fake score is told which generation step made its input."""
+        return step_embedding_size(self.nets.fake_score.unet) > 0
 
     @property
     def uses_gan(self) -> bool:

@@ -36,11 +36,6 @@ def select_adapter(unet: nn.Module, adapter: str | None) -> None:
             param.requires_grad_(True)
 
 
-def _step_input(step: torch.Tensor | None) -> dict:
-    """A step index reaches the UNet's class-embedding slot, where a per-step fake score keeps its step embedding."""
-    return {} if step is None else {"class_labels": step}
-
-
 @dataclass
 class Prediction:
     """A denoiser's output: clean sample and noise estimates."""
@@ -84,7 +79,8 @@ class Denoiser(nn.Module):
         network runs once on the doubled batch; CFG is applied to the raw prediction (equivalent
         to applying it to x̂0 or ε̂, which are affine in it at fixed x_t). A UNet with a
         guidance-scale input needs ``embedded_guidance``, the per-sample scales ``(B,)``, instead. A UNet
-        with a step embedding (a per-step fake score) needs ``step``, the generation step of each sample ``(B,)``.
+        with a step embedding (a per-step fake score) needs ``step``, the generation step of each sample
+        ``(B,)``; it enters through diffusers' class-label input.
         """
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must have shape ({x_t.shape[0]},) (got {tuple(t.shape)})")
@@ -102,11 +98,11 @@ class Denoiser(nn.Module):
             if step is not None:
                 step = torch.cat([step, step])
             both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond]),
-                             timestep_cond=condition, **_step_input(step)).sample
+                             timestep_cond=condition, class_labels=step).sample
             conditional, unconditional = both.chunk(2)
             prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)
         else:
-            prediction = self.unet(x_t, t, text, timestep_cond=condition, **_step_input(step)).sample
+            prediction = self.unet(x_t, t, text, timestep_cond=condition, class_labels=step).sample
         x0, eps = self.process.to_x0_eps(prediction.float(), x_t.float(), t)
         return Prediction(x0=x0, eps=eps)
 
@@ -123,7 +119,7 @@ class Denoiser(nn.Module):
         hook = self.unet.mid_block.register_forward_hook(stop)
         try:
             select_adapter(self.unet, self.adapter)
-            self.unet(x_t, t, text, **_step_input(step))
+            self.unet(x_t, t, text, class_labels=step)
         except _FeaturesReady:
             return captured[0]
         finally:

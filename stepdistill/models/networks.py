@@ -68,7 +68,8 @@ def add_step_embedding(unet: nn.Module, num_steps: int) -> None:
     """Give a full-weight UNet a :class:`StepEmbedding` of ``num_steps`` entries (then every call needs the step)."""
     if unet.class_embedding is not None:
         raise ValueError("this UNet already has a class embedding: a per-step fake score needs that slot free")
-    unet.class_embedding = StepEmbedding(num_steps, unet.time_embedding.linear_2.out_features)
+    embedding = StepEmbedding(num_steps, unet.time_embedding.linear_2.out_features)
+    unet.class_embedding = embedding.to(device=unet.device, dtype=unet.dtype)
 
 
 def step_embedding_size(unet: nn.Module) -> int:
@@ -123,7 +124,11 @@ def build_networks(
     input, ``fake_score_steps`` > 1 a full fake score a :class:`StepEmbedding` of that many steps."""
     if guidance_embedding_dim is not None and use_lora:
         raise ValueError("a guidance-scale input needs a full-weight student: LoRA cannot add the projection layer")
-    if fake_score_steps > 1 and (use_lora or not with_fake_score):
+    if fake_score_steps < 1:
+        raise ValueError(f"fake_score_steps must be ≥ 1 (got {fake_score_steps})")
+    if fake_score_steps > 1 and not with_fake_score:
+        raise ValueError("fake_score_steps > 1 needs a fake score (with_fake_score=True)")
+    if fake_score_steps > 1 and use_lora:
         raise ValueError("a per-step fake score needs a full-weight fake score: LoRA adapters share the UNet with "
                          "the teacher, which has no step input")
     teacher_unet.requires_grad_(False).eval()

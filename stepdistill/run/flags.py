@@ -155,7 +155,8 @@ class FakeScoreConfig(RunConfig):
     gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
     per_step_fake_score: bool = field(False, "few-step students: tell the fake score which step made each sample, so "
                                              "it learns each step's outputs apart, not their mixture (not in the "
-                                             "papers; full weights only)")
+                                             "papers; full weights only; the step embedding learns at 10× "
+                                             "--critic_learning_rate)")
 
     def validate(self) -> None:
         super().validate()

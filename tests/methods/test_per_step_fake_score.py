@@ -1,4 +1,4 @@
-"""A fake score told which step of a few-step student made its input (``per_step_fake_score``)."""
+"""A fake score told which step of a few-step student made its input (``--per_step_fake_score``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def inputs(tiny_pipeline, batch_size=2):
     return x_t, torch.tensor([100, 700][:batch_size]), text
 
 
-def test_it_starts_as_the_teacher_and_tells_steps_apart_once_trained(tiny_pipeline):
+def test_it_starts_as_the_teacher_and_a_learned_row_changes_only_its_step(tiny_pipeline):
     nets, _ = build(tiny_pipeline, fake_score_steps=2)
     x_t, t, text = inputs(tiny_pipeline)
     uncond = torch.zeros_like(text)
@@ -47,14 +47,21 @@ def test_it_starts_as_the_teacher_and_tells_steps_apart_once_trained(tiny_pipeli
 def test_the_critic_update_reaches_only_the_drawn_steps_row(tiny_pipeline):
     nets, process = build(tiny_pipeline, fake_score_steps=2)
     size = tiny_pipeline.unet.config.sample_size
-    method = SiD(nets=nets, process=process, student_timesteps=STEPS, latent_shape=(4, size, size),
-                 per_step_fake_score=True)
+    method = SiD(nets=nets, process=process, student_timesteps=STEPS, latent_shape=(4, size, size))
+    assert method.per_step_fake_score
+    table = nets.fake_score.unet.class_embedding.table.weight
+    assert any(p is table for p in nets.critic_parameters())  # the critic's optimiser trains it
     _, _, text = inputs(tiny_pipeline)
-    torch.manual_seed(3)
-    method.critic_loss(Batch(text=text, uncond=torch.zeros_like(text)))["loss"].backward()
-    row_used = nets.fake_score.unet.class_embedding.table.weight.grad.abs().sum(dim=1) > 0
-    assert row_used.sum() == 1  # one step k per batch, and its row alone learns
-    assert nets.critic_parameters()[0].grad is not None
+    batch = Batch(text=text, uncond=torch.zeros_like(text))
+    for seed in (0, 1, 2, 3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            _, step = method.generate(batch)
+        torch.manual_seed(seed)  # the critic's update draws the same k
+        table.grad = None
+        method.critic_loss(batch)["loss"].backward()
+        rows_used = (table.grad.abs().sum(dim=1) > 0).nonzero().flatten().tolist()
+        assert rows_used == [int(step[0])] and (step == step[0]).all()  # one k per batch, its row alone learns
 
 
 @pytest.mark.parametrize("method_class, guidance", [
@@ -64,7 +71,7 @@ def test_the_student_loss_runs_with_guidance_and_the_gan_term(tiny_pipeline, met
     nets, process = build(tiny_pipeline, fake_score_steps=2, with_discriminator=True)
     size = tiny_pipeline.unet.config.sample_size
     method = method_class(nets=nets, process=process, student_timesteps=STEPS, latent_shape=(4, size, size),
-                          gan_generator_weight=0.1, per_step_fake_score=True, **guidance)
+                          gan_generator_weight=0.1, **guidance)
     _, _, text = inputs(tiny_pipeline)
     losses = method.generator_loss(Batch(text=text, uncond=torch.zeros_like(text)))
     losses["loss"].backward()
@@ -75,9 +82,11 @@ def test_the_student_loss_runs_with_guidance_and_the_gan_term(tiny_pipeline, met
 def test_bad_combinations_are_refused(tiny_pipeline):
     with pytest.raises(ValueError, match="full-weight fake score"):
         build(tiny_pipeline, use_lora=True, lora_rank=4, fake_score_steps=2)
-    nets, process = build(tiny_pipeline)
-    with pytest.raises(ValueError, match="fake_score_steps=2"):
-        SiD(nets=nets, process=process, student_timesteps=STEPS, latent_shape=(4, 16, 16), per_step_fake_score=True)
+    with pytest.raises(ValueError, match="fake_score_steps must be ≥ 1"):
+        build(tiny_pipeline, fake_score_steps=0)
+    nets, process = build(tiny_pipeline, fake_score_steps=3)
+    with pytest.raises(ValueError, match="tells 3 steps apart, the student has 2"):
+        SiD(nets=nets, process=process, student_timesteps=STEPS, latent_shape=(4, 16, 16))
     unet = copy.deepcopy(tiny_pipeline.unet)
     networks.add_step_embedding(unet, 2)
     with pytest.raises(ValueError, match="already has a class embedding"):

@@ -50,9 +50,12 @@ def test_two_steps_then_export_and_report(dmd2, tiny_pipeline_dir, tmp_path, use
         assert type(load_pipeline(student).scheduler).__name__ == "LCMScheduler"
 
 
-def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tmp_path, shipped_classifier):
+@pytest.mark.parametrize("per_step_fake_score", [False, True])
+def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tmp_path, shipped_classifier,
+                                                     per_step_fake_score):
     cfg = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.0,
-                       gan_critic_weight=0.0, checkpointing_steps=1, conditioning_timestep=999)
+                       gan_critic_weight=0.0, checkpointing_steps=1, conditioning_timestep=999,
+                       per_step_fake_score=per_step_fake_score)
     dmd2.main(cfg)
     report = json.loads((tmp_path / "report.json").read_text())
     assert {(r["model"], r["num_inference_steps"]) for r in report["results"]} >= {("student", 1), ("student", 2)}
@@ -60,7 +63,7 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
     # resume from the last checkpoint and train two more steps
     resumed = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, num_student_steps=2, gan_generator_weight=0.0,
                            gan_critic_weight=0.0, max_train_steps=4, resume_from_checkpoint="latest",
-                           conditioning_timestep=999)
+                           conditioning_timestep=999, per_step_fake_score=per_step_fake_score)
     dmd2.main(resumed)
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
