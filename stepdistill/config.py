@@ -89,6 +89,12 @@ def _coerce(name: str, kind: Any, optional: bool, value: Any) -> Any:
         return tuple(_coerce(name, element, False, item) for item in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads exponents without a dot, such as ``1e-4``, as strings.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key {name!r} must be float (got {value!r})") from None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"config key {name!r} must be {kind.__name__} (got {value!r})")
     return value

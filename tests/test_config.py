@@ -115,7 +115,13 @@ def test_yaml_unknown_keys_exit(yaml_file):
     assert "num_stepz" in str(exit_info.value.code)
 
 
-@pytest.mark.parametrize("text", ["batch_size: 2.5\n", "batch_size: true\n", "steps: 4\n", "name: 3\n", "- 1\n- 2\n"])
+def test_yaml_exponent_floats_are_floats(yaml_file):
+    """PyYAML reads ``3e-5`` (no dot) as a string; a float field must still take it."""
+    cfg = configs.parse(ToyConfig, ["--config", str(yaml_file("learning_rate: 3e-5\nscales: [1e-1, 2]\n"))])
+    assert cfg.learning_rate == 3e-5 and cfg.scales == (0.1, 2.0)
+
+
+@pytest.mark.parametrize("text", ["learning_rate: fast\n", "batch_size: 2.5\n", "batch_size: true\n", "steps: 4\n", "name: 3\n", "- 1\n- 2\n"])
 def test_yaml_wrong_types_exit(yaml_file, text):
     with pytest.raises(SystemExit) as exit_info:
         configs.parse(ToyConfig, ["--config", str(yaml_file(text))])
@@ -142,3 +148,10 @@ def test_save_writes_json(tmp_path):
     assert saved == {**dataclasses.asdict(cfg), "steps": [1, 2], "scales": [1.0, 2.0]}
     assert saved["name"] is None
     assert ToyConfig(**{k: tuple(v) if k in ("steps", "scales") else v for k, v in saved.items()}) == cfg
+
+
+def test_saved_config_loads_back_as_yaml(tmp_path):
+    """A run's config.json (JSON is YAML) reproduces the run through ``--config``."""
+    cfg = configs.parse(ToyConfig, ["--learning_rate", "3e-05", "--steps", "1,2", "--name", "none"])
+    configs.save(cfg, tmp_path / "config.json")
+    assert configs.parse(ToyConfig, ["--config", str(tmp_path / "config.json")]) == cfg
