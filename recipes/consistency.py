@@ -82,13 +82,13 @@ class ConsistencyConfig(run.RunConfig):
         """The checks that need the teacher's T, read from its scheduler config (no model is loaded)."""
         num_train_timesteps = self.teacher_scheduler_config()["num_train_timesteps"]
         try:
-            grid = methods.consistency.solver_grid(num_train_timesteps, self.skipping_interval)
-            methods.consistency.segment_length(len(grid) - 1, self.num_segments)
+            num_solver_steps = methods.consistency.solver_steps(num_train_timesteps, self.skipping_interval)
+            methods.consistency.segment_length(num_solver_steps, self.num_segments)
         except ValueError as error:
             raise ConfigError(f"--{error}") from None
         most = max(self.num_student_steps, *self.eval_steps)
-        if most > len(grid) - 1:
-            raise ConfigError(f"student step counts (--num_student_steps, --eval_steps) must be ≤ the {len(grid) - 1} "
+        if most > num_solver_steps:
+            raise ConfigError(f"student step counts (--num_student_steps, --eval_steps) must be ≤ the {num_solver_steps} "
                               f"solver steps of the grid (got {most})")
 
 
@@ -102,7 +102,7 @@ def main(cfg: ConsistencyConfig) -> None:
     # 2. the student starts as the teacher (a LoRA adapter on it, or a full copy, optionally with a
     #    zero-initialised guidance-scale input); no critic
     embedding_dim = guidance_embedding.LCM_EMBEDDING_DIM if cfg.guidance_embedding else None
-    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank, with_fake_score=False,
+    nets = networks.build_networks(teacher.network, teacher.process, cfg.use_lora, cfg.lora_rank, with_fake_score=False,
                                    guidance_embedding_dim=embedding_dim)
     run.enable_gradient_checkpointing(cfg, nets)
     student = methods.ConsistencyDenoiser(nets.student, cfg.timestep_scaling)  # f_θ = c_skip x + c_out x̂0
@@ -121,9 +121,9 @@ def main(cfg: ConsistencyConfig) -> None:
         huber_c=cfg.huber_c,
         target_ema_decay=cfg.target_ema_decay,
     )
-    scheduler = export.student_scheduler(teacher.pipeline.scheduler, timestep_scaling=cfg.timestep_scaling,
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process, timestep_scaling=cfg.timestep_scaling,
                                          original_inference_steps=len(method.grid) - 1)
-    timesteps = export.student_timesteps(scheduler, cfg.num_student_steps)
+    timesteps = export.student_timesteps(scheduler, cfg.num_student_steps, teacher.backbone)
 
     # a guidance-embedded student is validated and scored at w = --guidance_scale
     sampled_guidance = low if cfg.guidance_embedding else 1.0
@@ -134,7 +134,7 @@ def main(cfg: ConsistencyConfig) -> None:
     trainer = Trainer(
         run.trainer_config(cfg),
         method,
-        generator_modules=[nets.student.unet, *([method.target] if method.ema_target else [])],
+        generator_modules=[nets.student.network, *([method.target] if method.ema_target else [])],
         generator_parameters=nets.generator_parameters(),
         critic_modules=[],
         critic_parameters=[],
@@ -145,7 +145,7 @@ def main(cfg: ConsistencyConfig) -> None:
     trainer.fit()
 
     # 5. export for plain diffusers (LCMScheduler at the boundary scaling), then score at 1–8 steps
-    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT, scheduler, sampled_guidance, cfg.eval_steps)
+    run.finish(cfg, setup, trainer, nets.student.network, networks.STUDENT, scheduler, sampled_guidance, cfg.eval_steps)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stepdistill import export, methods, run
+from stepdistill import conditioning, export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import networks
 from stepdistill.models.teacher import Teacher
@@ -55,18 +55,20 @@ class DMD2Config(run.FakeScoreConfig):
 
 
 def regression_pairs(teacher: Teacher, prompts: list[str], cfg: DMD2Config):
-    """(noise, text, teacher 50-step DDIM latent) triples for DMD's regression loss (DMD eq. 9)."""
+    """(noise, condition, teacher 50-step latent) triples for DMD's regression loss (DMD eq. 9)."""
     count = cfg.num_regression_pairs
-    text = teacher.encode_prompts(prompts)
-    pick = torch.randint(len(text), (count,))
+    condition = teacher.encode_prompts(prompts)
+    pick = torch.randint(conditioning.batch_size(condition), (count,))
     noise = torch.randn((count, *teacher.latent_shape))
-    uncond = teacher.encode_prompts([""]).expand(count, -1, -1)
+    condition = conditioning.select(condition, pick)
+    unconditional = conditioning.expand(teacher.encode_unconditional(), count)
     with torch.no_grad():
         output = teacher.pipeline(
-            prompt_embeds=text[pick], negative_prompt_embeds=uncond, latents=noise, num_inference_steps=50,
-            guidance_scale=cfg.guidance_scale, output_type="latent",
+            **teacher.backbone.pipeline_inputs(condition, unconditional),
+            latents=teacher.backbone.to_pipeline_latents(noise), num_inference_steps=50,
+            guidance_scale=cfg.guidance_scale, output_type="latent", height=teacher.resolution, width=teacher.resolution,
         ).images
-    return noise, text[pick], output
+    return noise, condition, teacher.backbone.from_pipeline_latents(output, teacher.latent_shape)
 
 
 def main(cfg: DMD2Config) -> None:
@@ -79,7 +81,7 @@ def main(cfg: DMD2Config) -> None:
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it), and
     #    the GAN head on the fake score's features when real images are given (the digits by default)
-    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank,
+    nets = networks.build_networks(teacher.network, teacher.process, cfg.use_lora, cfg.lora_rank,
                                    with_discriminator=cfg.uses_gan, fake_score_steps=cfg.fake_score_steps)
     run.enable_gradient_checkpointing(cfg, nets)
 
@@ -88,7 +90,7 @@ def main(cfg: DMD2Config) -> None:
     method = methods.DMD2(
         nets=nets,
         process=teacher.process,
-        student_timesteps=export.student_timesteps(scheduler, cfg.num_student_steps),
+        student_timesteps=export.student_timesteps(scheduler, cfg.num_student_steps, teacher.backbone),
         latent_shape=teacher.latent_shape,
         guidance_scale=cfg.guidance_scale,
         critic_steps_per_generator_step=cfg.critic_steps_per_generator_step,
@@ -104,7 +106,7 @@ def main(cfg: DMD2Config) -> None:
     trainer.fit()
 
     # 5. export for plain diffusers (EMA weights if kept), then score the export
-    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT, scheduler)
+    run.finish(cfg, setup, trainer, nets.student.network, networks.STUDENT, scheduler)
 
 if __name__ == "__main__":
     run.command_line(DMD2Config, main, prog="recipes/dmd2.py")

@@ -73,7 +73,7 @@ def main(cfg: SiDConfig) -> None:
     teacher = setup.teacher
 
     # 2. student and fake score start as the teacher (full copies, or two LoRA adapters on it)
-    nets = networks.build_networks(teacher.unet, teacher.process, cfg.use_lora, cfg.lora_rank,
+    nets = networks.build_networks(teacher.network, teacher.process, cfg.use_lora, cfg.lora_rank,
                                    with_discriminator=cfg.uses_gan, fake_score_steps=cfg.fake_score_steps)
     run.enable_gradient_checkpointing(cfg, nets)
 
@@ -82,7 +82,7 @@ def main(cfg: SiDConfig) -> None:
     method = methods.SiD(
         nets=nets,
         process=teacher.process,
-        student_timesteps=export.student_timesteps(scheduler, cfg.num_student_steps),
+        student_timesteps=export.student_timesteps(scheduler, cfg.num_student_steps, teacher.backbone),
         latent_shape=teacher.latent_shape,
         alpha=cfg.alpha,
         critic_steps_per_generator_step=cfg.critic_steps_per_generator_step,
@@ -101,7 +101,7 @@ def main(cfg: SiDConfig) -> None:
     trainer.fit()
 
     # 5. export for plain diffusers (EMA weights if kept), then score the export
-    run.finish(cfg, setup, trainer, nets.student.unet, networks.STUDENT, scheduler)
+    run.finish(cfg, setup, trainer, nets.student.network, networks.STUDENT, scheduler)
 
 if __name__ == "__main__":
     run.command_line(SiDConfig, main, prog="recipes/sid.py")

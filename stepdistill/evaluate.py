@@ -29,6 +29,7 @@ from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
 from stepdistill.evaluation import report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
+from stepdistill.models.backbones import backbone_for
 from stepdistill.models.loading import PipelineError, load_pipeline
 
 
@@ -102,7 +103,7 @@ def run(cfg: EvaluateConfig) -> list[report.Result]:
     pipe = load_pipeline(cfg.pipeline)
     if cfg.scheduler is not None:
         pipe.scheduler = scheduler_class(cfg.scheduler).from_config(pipe.scheduler.config)
-    image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    image_size = backbone_for(pipe).default_resolution(pipe)
     use_digits = report.are_digit_prompts(prompts) and image_size == digits.IMAGE_SIZE
     if not use_digits and cfg.inception_weights is None and cfg.clip_model is None:
         raise ConfigError(

@@ -1,7 +1,16 @@
 """Writing a student so that plain diffusers samples it correctly, and reading it back.
 
 Students sample with :func:`stepdistill.diffusion.few_step_sample` (predict x̂0, re-noise to the
-next timestep with fresh noise). diffusers' ``LCMScheduler`` computes exactly that when its
+next timestep with fresh noise).
+
+**Rectified-flow teachers** (SD3, Flux): diffusers' ``FlowMatchLCMScheduler`` computes exactly that
+(x̂0 = x − σ v̂, then (1 − σ') x̂0 + σ' ε). It is exported with the teacher's shift made static
+(Flux's dynamic shift evaluated at the training resolution) and ``use_dynamic_shifting=False``: the
+scheduler applies its shift *after* whatever sigmas the pipeline passes in (Flux's pipeline passes
+linspace(1, 1/N, N), SD3's none), so the grid the student trains on is read off the scheduler called
+the way its pipeline calls it (:func:`student_timesteps`), never computed beside it.
+
+**Variance-preserving teachers**: diffusers' ``LCMScheduler`` computes exactly that when its
 consistency boundary mix is switched off: its output is c_skip(t)·x_t + c_out(t)·x̂0 with
 c_skip = σ_d² / ((s t)² + σ_d²), and with ``timestep_scaling`` s = 1e4 we get c_skip < 1e-8 for
 every t ≥ 1 (s = 10, LCM's own value, leaves ~1e-7). The timesteps an N-step student is trained
@@ -10,8 +19,9 @@ students are trained with the boundary mix (s = 10) and exported with it, on the
 (``original_inference_steps``): pass that ``student_scheduler`` to the export functions.
 
 * full weights: a complete pipeline folder (``DiffusionPipeline.from_pretrained(output_dir)``);
-* LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``pipe.load_lora_weights``)
-  plus ``scheduler/scheduler_config.json`` for ``LCMScheduler.from_pretrained(output_dir, subfolder="scheduler")``.
+* LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``pipe.load_lora_weights``, on the
+  UNet or the transformer) plus ``scheduler/scheduler_config.json`` for the student scheduler's
+  ``from_pretrained(output_dir, subfolder="scheduler")``.
 
 Sample a student with ``guidance_scale=1`` (its guidance is distilled in) and its number of steps; a
 student that takes the guidance scale as an input samples at any w of its training range instead
@@ -24,10 +34,14 @@ import inspect
 import json
 from pathlib import Path
 
-from diffusers import DiffusionPipeline, LCMScheduler
+import diffusers
+from diffusers import DiffusionPipeline, FlowMatchLCMScheduler, LCMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from stepdistill.diffusion import FlowProcess, NoiseProcess
+from stepdistill.models.backbones import Backbone, adapter_for
 from stepdistill.models.loading import PipelineError, load_pipeline
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -36,11 +50,14 @@ TIMESTEP_SCALING = 1e4
 
 def student_scheduler(
     teacher_scheduler,
+    process: NoiseProcess,
     timestep_scaling: float = TIMESTEP_SCALING,
     original_inference_steps: int = 50,
     first_timestep: int | None = None,
-) -> LCMScheduler:
-    """An ``LCMScheduler`` on the teacher's noise schedule that samples the student exactly.
+) -> SchedulerMixin:
+    """The scheduler that samples the student exactly: ``FlowMatchLCMScheduler`` at the process's
+    static shift on a flow teacher (the other arguments are for variance-preserving teachers), else
+    an ``LCMScheduler`` on the teacher's noise schedule.
 
     ``timestep_scaling``: 1e4 switches the boundary mix off (DMD students), 10 is LCM's consistency
     function; ``original_inference_steps`` N puts N-step sampling on the grid t = k·n − 1, k = T / N.
@@ -51,6 +68,11 @@ def student_scheduler(
     (then 1 step visits t₀, 4 steps t₀ and three more spread below it). The ᾱ_t the student sees are
     the teacher's, unchanged.
     """
+    if isinstance(process, FlowProcess):
+        if first_timestep is not None:
+            raise ValueError("a flow-matching student starts from pure noise at σ = 1; first_timestep is for "
+                             "variance-preserving teachers")
+        return FlowMatchLCMScheduler.from_config(teacher_scheduler.config, shift=process.shift, use_dynamic_shifting=False)
     settings = dict(
         timestep_scaling=timestep_scaling, clip_sample=False, thresholding=False, set_alpha_to_one=True,
         timestep_spacing="trailing", original_inference_steps=original_inference_steps,
@@ -65,47 +87,53 @@ def student_scheduler(
     return LCMScheduler.from_config(teacher_scheduler.config, **settings)
 
 
-def student_timesteps(scheduler: LCMScheduler, num_steps: int) -> tuple[int, ...]:
-    """The timesteps the exported scheduler visits in ``num_steps`` steps (1 step: ``(999,)``)."""
+def student_timesteps(scheduler: SchedulerMixin, num_steps: int, backbone: Backbone | None = None) -> tuple[float, ...]:
+    """The timesteps the exported scheduler visits in ``num_steps`` steps when ``backbone``'s pipeline
+    calls it (1 step: ``(999,)`` on SD's schedule, ``(1000.0,)`` = σ 1 on a flow teacher)."""
     if num_steps < 1:
         raise ValueError(f"num_student_steps must be ≥ 1 (got {num_steps})")
-    scheduler.set_timesteps(num_steps)
-    return tuple(int(t) for t in scheduler.timesteps)
+    sigmas = backbone.scheduler_sigmas(num_steps) if backbone is not None else None
+    if sigmas is None:
+        scheduler.set_timesteps(num_steps)
+    else:
+        scheduler.set_timesteps(sigmas=sigmas)
+    return tuple(t.item() for t in scheduler.timesteps)
 
 
 STUDENT_METADATA = "stepdistill_student.json"
 
 
 def _write_metadata(
-    output_dir: Path, num_steps: int, timesteps: tuple[int, ...], kind: str, guidance_scale: float,
-    base_model: str | None = None,
+    output_dir: Path, num_steps: int, timesteps: tuple[float, ...], kind: str, guidance_scale: float,
+    scheduler: SchedulerMixin, base_model: str | None = None,
 ) -> None:
     info = {
         "format": kind,
         **({"base_model": base_model} if base_model else {}),
         "num_inference_steps": num_steps,
         "timesteps": list(timesteps),
+        **({"sigmas": [round(s, 7) for s in scheduler.sigmas[:-1].tolist()]} if hasattr(scheduler, "sigmas") else {}),
         "guidance_scale": guidance_scale,
-        "scheduler": "LCMScheduler",
+        "scheduler": type(scheduler).__name__,
     }
     (output_dir / STUDENT_METADATA).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def export_full(
     teacher_pipeline: DiffusionPipeline,
-    student_unet: nn.Module,
+    student_network: nn.Module,
     output_dir: str | Path,
     num_steps: int,
-    scheduler: LCMScheduler | None = None,
+    scheduler: SchedulerMixin,
     guidance_scale: float = 1.0,
 ) -> Path:
-    """Save the teacher's pipeline with the student's UNet and the student scheduler
-    (``scheduler``, by default :func:`student_scheduler` of the teacher's); ``guidance_scale`` is
-    the one to sample at (1 unless the UNet takes it as an input)."""
+    """Save the teacher's pipeline with the student's network (UNet or transformer) and the student
+    ``scheduler`` (:func:`student_scheduler`); ``guidance_scale`` is the one to sample at (1 unless the
+    network takes it as an input)."""
     output_dir = Path(output_dir)
-    scheduler = scheduler or student_scheduler(teacher_pipeline.scheduler)
-    timesteps = student_timesteps(scheduler, num_steps)
-    components = {**teacher_pipeline.components, "unet": student_unet, "scheduler": scheduler}
+    backbone = adapter_for(student_network)
+    timesteps = student_timesteps(scheduler, num_steps, backbone)
+    components = {**teacher_pipeline.components, backbone.component: student_network, "scheduler": scheduler}
     pipeline_class = type(teacher_pipeline)
     settings = {  # the pipeline's own non-module arguments, e.g. requires_safety_checker
         name: value for name, value in teacher_pipeline.config.items()
@@ -113,27 +141,27 @@ def export_full(
     }
     student_pipeline = pipeline_class(**components, **settings)
     student_pipeline.save_pretrained(output_dir, safe_serialization=True)
-    _write_metadata(output_dir, num_steps, timesteps, "full", guidance_scale)
+    _write_metadata(output_dir, num_steps, timesteps, "full", guidance_scale, scheduler)
     return output_dir
 
 
 def export_lora(
     teacher_pipeline: DiffusionPipeline,
-    unet: nn.Module,
+    network: nn.Module,
     adapter: str,
     output_dir: str | Path,
     num_steps: int,
-    scheduler: LCMScheduler | None = None,
+    scheduler: SchedulerMixin,
 ) -> Path:
-    """Save one peft adapter of ``unet`` as diffusers LoRA weights plus the student scheduler
-    (``scheduler``, by default :func:`student_scheduler` of the teacher's)."""
+    """Save one peft adapter of ``network`` (UNet or transformer) as diffusers LoRA weights plus the
+    student ``scheduler`` (:func:`student_scheduler`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(unet, adapter_name=adapter)  # diffusers reads peft keys as they are
-    type(teacher_pipeline).save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
-    scheduler = scheduler or student_scheduler(teacher_pipeline.scheduler)
+    backbone = adapter_for(network)
+    state = get_peft_model_state_dict(network, adapter_name=adapter)  # diffusers reads peft keys as they are
+    backbone.save_lora_weights(teacher_pipeline, output_dir, state)
     scheduler.save_pretrained(output_dir / "scheduler")
-    _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps), "lora", 1.0,
+    _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps, backbone), "lora", 1.0, scheduler,
                     base_model=teacher_pipeline.name_or_path)
     return output_dir
 
@@ -144,7 +172,9 @@ def load_lora_student(
     """The teacher pipeline with a LoRA student loaded and the student scheduler set."""
     pipe = load_pipeline(teacher_path, revision=revision, variant=variant)
     pipe.load_lora_weights(str(lora_dir))
-    pipe.scheduler = LCMScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
+    config = json.loads((Path(lora_dir) / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_class = getattr(diffusers, config["_class_name"])
+    pipe.scheduler = scheduler_class.from_pretrained(str(lora_dir), subfolder="scheduler")
     return pipe
 
 

@@ -62,3 +62,25 @@ def digits_evaluator(shipped_classifier):
     from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 
     return DigitsEvaluator()
+
+
+BACKBONES = ("sd_v", "sdxl", "sd3", "flux")  # beside the ε SD pipeline above: every adapter and both processes
+
+
+@pytest.fixture(scope="session")
+def backbone_dirs(tmp_path_factory, tiny_config) -> dict[str, object]:
+    """Saved tiny random-weight pipelines of every backbone family, by name: ``sd`` (ε), ``sd_v``
+    (v-prediction), ``sdxl``, ``sd3`` (saved without its T5 encoder) and ``flux`` (with a guidance input)."""
+    from diffusers import DDIMScheduler
+
+    from stepdistill.models import tiny_pipelines
+
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("sd", *BACKBONES)}
+    tiny_sd.build_pipeline(folders["sd"], tiny_config, seed=0).save_pretrained(folders["sd"])
+    v_pipe = tiny_sd.build_pipeline(folders["sd_v"], tiny_config, seed=1)
+    v_pipe.scheduler = DDIMScheduler.from_config(v_pipe.scheduler.config, prediction_type="v_prediction")
+    v_pipe.save_pretrained(folders["sd_v"])
+    tiny_pipelines.build_sdxl(folders["sdxl"], seed=0)
+    tiny_pipelines.build_sd3(folders["sd3"], seed=0, with_t5=False)
+    tiny_pipelines.build_flux(folders["flux"], seed=0, guidance_embeds=True)
+    return folders

@@ -7,19 +7,24 @@ import time
 import torch
 from diffusers import DiffusionPipeline
 
+from stepdistill.models.backbones import backbone_for
 
-def initial_noise(pipe: DiffusionPipeline, num_samples: int, seed: int) -> torch.Tensor:
-    """``(N, C, h, w)`` standard normal latents drawn from ``seed``: identical for every model of one family."""
-    channels = pipe.unet.config.in_channels
-    size = pipe.unet.config.sample_size
+
+def initial_noise(pipe: DiffusionPipeline, num_samples: int, seed: int, resolution: int | None = None) -> torch.Tensor:
+    """``(N, C, h, w)`` standard normal latents (unpacked) at ``resolution`` px (default: the pipeline's
+    own) drawn from ``seed``: identical for every model of one family."""
+    backbone = backbone_for(pipe)
+    shape = backbone.latent_shape(pipe, resolution or backbone.default_resolution(pipe))
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn((num_samples, channels, size, size), generator=generator)
+    return torch.randn((num_samples, *shape), generator=generator)
 
 
 def number_of_function_evaluations(pipe: DiffusionPipeline, num_inference_steps: int, guidance_scale: float) -> int:
     """Network calls per image: one per step, two with classifier-free guidance (conditional +
-    unconditional), which diffusers skips for a UNet that takes the guidance scale as an input."""
-    embedded = pipe.unet.config.time_cond_proj_dim is not None
+    unconditional), which diffusers skips for a network that takes the guidance scale as an input."""
+    backbone = backbone_for(pipe)
+    network = backbone.network(pipe)
+    embedded = getattr(network.config, "time_cond_proj_dim", None) is not None or backbone.takes_guidance(network)
     return num_inference_steps * (2 if guidance_scale > 1 and not embedded else 1)
 
 
@@ -31,6 +36,7 @@ def generate(
     guidance_scale: float,
     seed: int = 0,
     batch_size: int = 250,
+    resolution: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Images ``(N, 3, H, W)`` in [-1, 1] for ``prompts`` and the seconds the pipeline took.
 
@@ -38,7 +44,9 @@ def generate(
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be ≥ 1 (got {num_inference_steps})")
-    latents = initial_noise(pipe, len(prompts), seed)
+    backbone = backbone_for(pipe)
+    latents = backbone.to_pipeline_latents(initial_noise(pipe, len(prompts), seed, resolution))
+    size = {"height": resolution, "width": resolution} if resolution else {}
     generator = torch.Generator().manual_seed(seed)  # any noise the scheduler adds between steps (LCM re-noising)
     images, seconds = [], 0.0
     for start in range(0, len(prompts), batch_size):
@@ -47,8 +55,9 @@ def generate(
             prompt=prompts[start : start + batch_size],
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            latents=latents[start : start + batch_size].to(pipe.device, pipe.unet.dtype),
+            latents=latents[start : start + batch_size].to(pipe.device, backbone.network(pipe).dtype),
             generator=generator,
+            **size,
             output_type="pt",
         ).images
         seconds += time.perf_counter() - began

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from stepdistill import conditioning
+from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess, few_step_sample
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.grid import save_grid
@@ -21,12 +23,12 @@ from stepdistill.models.teacher import Teacher
 
 
 class StudentModel(Protocol):
-    """What validation samples: ``student(x_t, t, text).x0`` on the noise process ``student.process``
+    """What validation samples: ``student(x_t, t, condition).x0`` on the noise process ``student.process``
     (a :class:`Denoiser`, or a method's wrapper of one, e.g. a consistency function)."""
 
     process: NoiseProcess
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Prediction: ...
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> Prediction: ...
 
 
 class StudentValidator:
@@ -40,7 +42,7 @@ class StudentValidator:
         self,
         teacher: Teacher,
         student: StudentModel,
-        timesteps: tuple[int, ...],
+        timesteps: tuple[float, ...],
         prompts: list[str],
         output_dir: str | Path,
         evaluator: DigitsEvaluator | None = None,
@@ -50,25 +52,23 @@ class StudentValidator:
         self.teacher, self.student, self.timesteps = teacher, student, timesteps
         self.prompts, self.evaluator, self.batch_size = prompts, evaluator, batch_size
         self.output_dir = Path(output_dir) / "validation"
-        self.text = teacher.encode_prompts(prompts)
-        self.noise = initial_noise(teacher.pipeline, len(prompts), seed)
+        self.condition = teacher.encode_prompts(prompts)
+        self.noise = initial_noise(teacher.pipeline, len(prompts), seed, teacher.resolution)
         self.seed = seed
 
     @torch.no_grad()
     def sample(self) -> torch.Tensor:
         """Images ``(N, 3, H, W)`` in [-1, 1] from the student's ``len(timesteps)``-step sampler."""
-        vae = self.teacher.pipeline.vae
-        device = self.teacher.unet.device
+        device = self.teacher.network.device
         generator = torch.Generator().manual_seed(self.seed)  # re-noising draws, as ``sampling.generate`` makes them
         images = []
-        for noise, text in zip(self.noise.split(self.batch_size), self.text.split(self.batch_size)):
-            text = text.to(device)
+        for noise, condition in zip(self.noise.split(self.batch_size), conditioning.split(self.condition, self.batch_size)):
+            condition = conditioning.to(condition, device)
             latents = few_step_sample(
-                lambda x, t: self.student(x, t, text).x0, noise.to(device), self.timesteps,
+                lambda x, t: self.student(x, t, condition).x0, noise.to(device), self.timesteps,
                 self.student.process, generator=generator,
             )
-            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-            images.append(decoded.float().clamp(-1, 1).cpu())
+            images.append(self.teacher.decode_latents(latents).cpu())
         return torch.cat(images)
 
     def __call__(self, step: int) -> dict[str, float]:

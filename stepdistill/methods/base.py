@@ -7,22 +7,30 @@ from typing import Protocol
 
 import torch
 
+from stepdistill import conditioning
+from stepdistill.conditioning import Condition
+
 Losses = dict[str, torch.Tensor]
 """Named scalar losses; ``"loss"`` is the one to minimise, the others are logged."""
 
 
 @dataclass
 class Batch:
-    """One training batch: text embeddings ``(B, L, D)``, their unconditional counterpart, and
-    (for methods with a GAN or data term) scaled VAE latents of real images ``(B, C, h, w)``."""
+    """One training batch: the prompts' condition, the unconditional condition (both named tensors,
+    :mod:`stepdistill.conditioning`), and (for methods with a GAN or data term) scaled VAE latents of
+    real images ``(B, C, h, w)``."""
 
-    text: torch.Tensor
-    uncond: torch.Tensor
+    condition: Condition
+    unconditional: Condition
     real_latents: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
-        return self.text.shape[0]
+        return conditioning.batch_size(self.condition)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.condition.values())).device
 
 
 class Method(Protocol):

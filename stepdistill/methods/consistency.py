@@ -2,8 +2,10 @@
 (LCM-LoRA, Luo et al. 2023b) and trajectory-segmented consistency (TSCD, Hyper-SD, Ren et al. 2024).
 
 The teacher's solver grid (LCM §4.3, "skipping-step"): with skipping interval k and T training
-timesteps, g_0 = 0 and g_n = n k − 1 for n = 1..N, N = T / k (k = 20: the 50-point grid that
-diffusers' ``LCMScheduler`` samples on, its ``original_inference_steps`` = N). One example:
+timesteps, N = T / k steps; on a variance-preserving teacher g_0 = 0 and g_n = n k − 1 (k = 20: the
+50-point grid that diffusers' ``LCMScheduler`` samples on, its ``original_inference_steps`` = N); on a
+rectified-flow teacher σ_n = shift(n / N) (:meth:`~stepdistill.diffusion.NoiseProcess.solver_grid`),
+where the DDIM step below is exactly the flow ODE's Euler step. One example:
 
     x0 ~ data,  n ~ U{1..N},  ε ~ N(0, I),  x_{g_n} = α x0 + σ ε                  (forward process)
     w ~ U[w_min, w_max],  (x̂0, ε̂) = CFG_w(teacher(x_{g_n}, g_n))                  (LCM eq. 12)
@@ -11,7 +13,9 @@ diffusers' ``LCMScheduler`` samples on, its ``original_inference_steps`` = N). O
     L = d( F_θ(x_{g_n}, g_n),  sg F_θ⁻(x̂_{g_{n−1}}, g_{n−1}) )                     (LCM eq. 13)
 
 F is built on the consistency function f_θ(x, t) = c_skip(t) x + c_out(t) x̂0_θ(x, t) with
-diffusers' ``LCMScheduler`` scalings (boundary condition f(x, 0) = x), and ε_f = (x − α_t f) / σ_t:
+diffusers' ``LCMScheduler`` scalings on a variance-preserving teacher (boundary condition f(x, 0) = x);
+on a flow teacher f = x̂0 = x_t − σ v̂ itself, whose boundary condition holds by construction (what
+``FlowMatchLCMScheduler`` samples). ε_f = (x − α_t f) / σ_t:
 
 * one segment (LCM): F = f, every step targets the trajectory's end;
 * S segments (TSCD): the N steps split into S runs of N/S; a step in segment s targets the
@@ -35,9 +39,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stepdistill.diffusion import NoiseProcess, classifier_free_guidance, consistency_scalings, ddim_step
+from stepdistill.conditioning import Condition
+from stepdistill.diffusion import NoiseProcess, ddim_step
 from stepdistill.methods.base import Batch, Losses
-from stepdistill.models.denoiser import Denoiser, Prediction
+from stepdistill.models.denoiser import Denoiser, Prediction, guided
 
 LOSS_TYPES = ("huber", "l2")
 LCM_TIMESTEP_SCALING = 10.0  # LCM's s in c_skip/c_out; diffusers' LCMScheduler default
@@ -46,8 +51,9 @@ LCM_TIMESTEP_SCALING = 10.0  # LCM's s in c_skip/c_out; diffusers' LCMScheduler 
 class ConsistencyDenoiser(nn.Module):
     """A consistency function on a denoiser (LCM eq. 9): f(x_t, t) = c_skip(t) x_t + c_out(t) x̂0(x_t, t).
 
-    The scalings are ``LCMScheduler``'s (:func:`~stepdistill.diffusion.consistency_scalings`), so
-    that scheduler with the same ``timestep_scaling`` samples it exactly. Returns
+    The scalings are the process's (:meth:`~stepdistill.diffusion.NoiseProcess.consistency_scalings`):
+    ``LCMScheduler``'s, so that scheduler with the same ``timestep_scaling`` samples it exactly, or
+    c_skip = 0, c_out = 1 on a flow teacher (``FlowMatchLCMScheduler``). Returns
     ``Prediction(x0=f, eps=(x_t − α_t f) / σ_t)``: samplers and DDIM steps use f as any x̂0.
     """
 
@@ -67,18 +73,24 @@ class ConsistencyDenoiser(nn.Module):
         return self.denoiser.takes_guidance_scale
 
     def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, embedded_guidance: torch.Tensor | None = None
+        self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, embedded_guidance: torch.Tensor | None = None
     ) -> Prediction:
-        x0 = self.denoiser(x_t, t, text, embedded_guidance=embedded_guidance).x0
+        x0 = self.denoiser(x_t, t, condition, embedded_guidance=embedded_guidance).x0
         x_t = x_t.float()
-        c_skip, c_out = consistency_scalings(t, self.timestep_scaling, x0)
+        c_skip, c_out = self.process.consistency_scalings(t, self.timestep_scaling, x0)
         f = c_skip * x_t + c_out * x0
         eps = (x_t - self.process.alpha(t, f) * f) / self.process.sigma(t, f)
         return Prediction(x0=f, eps=eps)
 
 
-def solver_grid(num_train_timesteps: int, skipping_interval: int) -> torch.Tensor:
-    """The teacher's DDIM grid ``[0, k − 1, 2k − 1, …, T − 1]`` (N + 1 points, N = T / k)."""
+def solver_grid(process: NoiseProcess, skipping_interval: int) -> torch.Tensor:
+    """The teacher's solver grid of N = T / k steps (N + 1 float32 timesteps, cleanest first): DDIM's
+    ``[0, k − 1, 2k − 1, …, T − 1]`` on a variance-preserving teacher."""
+    return process.solver_grid(solver_steps(process.num_train_timesteps, skipping_interval)).float()
+
+
+def solver_steps(num_train_timesteps: int, skipping_interval: int) -> int:
+    """N = T / k, the number of teacher solver steps; k must divide T."""
     if skipping_interval < 1:
         raise ValueError(f"skipping_interval must be ≥ 1 (got {skipping_interval})")
     if skipping_interval > num_train_timesteps:
@@ -91,8 +103,7 @@ def solver_grid(num_train_timesteps: int, skipping_interval: int) -> torch.Tenso
             f"skipping_interval {skipping_interval} must divide the teacher's {num_train_timesteps} training timesteps "
             "(LCMScheduler samples on t = k·n − 1 with k = T / N); e.g. 20 (LCM's) or 25"
         )
-    steps = torch.arange(1, num_train_timesteps // skipping_interval + 1) * skipping_interval - 1
-    return torch.cat([torch.zeros(1, dtype=torch.long), steps])
+    return num_train_timesteps // skipping_interval
 
 
 def segment_length(num_solver_steps: int, num_segments: int) -> int:
@@ -138,7 +149,7 @@ class ConsistencyDistillation:
     target_ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        self.grid = solver_grid(self.process.num_train_timesteps, self.skipping_interval)
+        self.grid = solver_grid(self.process, self.skipping_interval)
         self.steps_per_segment = segment_length(len(self.grid) - 1, self.num_segments)
         if not 0 <= self.guidance_scale_min <= self.guidance_scale_max:
             raise ValueError(
@@ -152,12 +163,12 @@ class ConsistencyDistillation:
             raise ValueError(f"target_ema_decay must be in [0, 1) (got {self.target_ema_decay})")
         # the segment boundaries' (α, σ) by grid index; index 0 is the clean end, F = f
         boundary = self.grid[1:]
-        alphas_cumprod = self.process.alphas_cumprod[boundary]
-        self.boundary_alpha = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod.sqrt()])
-        self.boundary_sigma = torch.cat([torch.zeros(1, dtype=torch.float64), (1 - alphas_cumprod).sqrt()])
+        like = torch.zeros(len(boundary), dtype=torch.float64)
+        self.boundary_alpha = torch.cat([torch.ones(1, dtype=torch.float64), self.process.alpha(boundary, like)])
+        self.boundary_sigma = torch.cat([torch.zeros(1, dtype=torch.float64), self.process.sigma(boundary, like)])
         self.target = self.student
         if self.ema_target:
-            if getattr(self.student.denoiser.unet, "_hf_peft_config_loaded", False):
+            if getattr(self.student.denoiser.network, "_hf_peft_config_loaded", False):
                 raise ValueError("an EMA target needs a full-weight student; a LoRA student's target is itself")
             self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
 
@@ -187,18 +198,13 @@ class ConsistencyDistillation:
     def teacher_step(
         self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, batch: Batch, w: torch.Tensor
     ) -> torch.Tensor:
-        """x̂_{t_prev}: one DDIM step of the teacher guided at per-sample scales ``w`` ``(B,)``.
-
-        CFG combines x̂0 and ε̂ directly: both are affine in the network output at fixed x_t.
-        """
-        conditional = self.teacher(x_t, t, batch.text)
+        """x̂_{t_prev}: one DDIM step (a flow teacher's Euler step) of the teacher guided at per-sample
+        scales ``w`` ``(B,)`` (:func:`~stepdistill.models.denoiser.guided`)."""
         if self.guidance_scale_min == self.guidance_scale_max == 1.0:
-            return ddim_step(conditional.x0, conditional.eps, t_prev, self.process)
-        unconditional = self.teacher(x_t, t, batch.uncond)
-        w = w.reshape(-1, *([1] * (x_t.ndim - 1)))
-        x0 = classifier_free_guidance(conditional.x0, unconditional.x0, w)
-        eps = classifier_free_guidance(conditional.eps, unconditional.eps, w)
-        return ddim_step(x0, eps, t_prev, self.process)
+            prediction = self.teacher(x_t, t, batch.condition)
+        else:
+            prediction = guided(self.teacher, x_t, t, batch.condition, batch.unconditional, w)
+        return ddim_step(prediction.x0, prediction.eps, t_prev, self.process)
 
     def to_boundary(self, prediction: Prediction, boundary: torch.Tensor) -> torch.Tensor:
         """F = α_{g_b} f + σ_{g_b} ε_f for grid indices ``boundary`` (F = f where b = 0)."""
@@ -228,9 +234,9 @@ class ConsistencyDistillation:
         embedded = w if self.embeds_guidance else None
         with torch.no_grad():
             x_prev = self.teacher_step(x_t, t, t_prev, batch, w)
-            target = self.to_boundary(self.target(x_prev, t_prev, batch.text, embedded), boundary)
+            target = self.to_boundary(self.target(x_prev, t_prev, batch.condition, embedded), boundary)
         # 4. the student's consistency output at t, with gradient (and w, if it takes it)
-        prediction = self.to_boundary(self.student(x_t, t, batch.text, embedded), boundary)
+        prediction = self.to_boundary(self.student(x_t, t, batch.condition, embedded), boundary)
         losses: Losses = {"consistency": self.distance(prediction, target)}
         losses["loss"] = losses["consistency"]
         return losses

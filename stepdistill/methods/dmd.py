@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from stepdistill import conditioning
+from stepdistill.conditioning import Condition
 from stepdistill.methods.base import Batch, Losses
 from stepdistill.methods.fake_score import FakeScoreDistillation
 
@@ -55,12 +57,12 @@ class DMD2(FakeScoreDistillation):
     guidance_scale: float = 1.0
     critic_steps_per_generator_step: int = 5
     regression_weight: float = 0.0
-    regression_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    regression_pairs: tuple[torch.Tensor, Condition, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.regression_weight > 0 and self.regression_pairs is None:
-            raise ValueError("regression_weight > 0 needs regression_pairs (noise, text, teacher output)")
+            raise ValueError("regression_weight > 0 needs regression_pairs (noise, condition, teacher output)")
 
     def generator_loss(self, batch: Batch) -> Losses:
         # 1. generate with the student (backward simulation for multi-step students)
@@ -68,8 +70,8 @@ class DMD2(FakeScoreDistillation):
         # 2. distribution matching: diffuse x, compare teacher (CFG) and fake score denoisers
         x_t, t, _ = self.noised(x.detach(), *self.score_timestep_range())
         with torch.no_grad():
-            real_x0 = self.nets.teacher(x_t, t, batch.text, batch.uncond, self.guidance_scale).x0
-            fake_x0 = self.nets.fake_score(x_t, t, batch.text, step=step).x0
+            real_x0 = self.nets.teacher(x_t, t, batch.condition, batch.unconditional, self.guidance_scale).x0
+            fake_x0 = self.nets.fake_score(x_t, t, batch.condition, step=step).x0
         losses: Losses = {"dmd": dmd_surrogate_loss(x, dmd_gradient(x.detach(), real_x0, fake_x0))}
         total = losses["dmd"]
         # 3. GAN generator term: the discriminator should call noised student samples real
@@ -84,7 +86,8 @@ class DMD2(FakeScoreDistillation):
         return losses
 
     def _regression_loss(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        noise, text, target = self.regression_pairs
+        noise, condition, target = self.regression_pairs
         pick = torch.randint(len(noise), (batch_size,))
-        t = torch.full((batch_size,), self.student_timesteps[0], dtype=torch.long, device=device)
-        return F.mse_loss(self._student_x0(noise[pick].to(device), t, text[pick].to(device)), target[pick].to(device))
+        t = torch.full((batch_size,), float(self.student_timesteps[0]), device=device)
+        condition = conditioning.to(conditioning.select(condition, pick), device)
+        return F.mse_loss(self._student_x0(noise[pick].to(device), t, condition), target[pick].to(device))

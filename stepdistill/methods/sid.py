@@ -80,8 +80,9 @@ class SiD(FakeScoreDistillation):
         x_g, step = self.generate(batch)
         x_t, t, _ = self.noised(x_g, *self.score_timestep_range())
         # 2. both denoisers at the same x_t; their inputs carry the student's gradient
-        real_x0 = self.nets.teacher(x_t, t, batch.text, batch.uncond, self.teacher_guidance_scale).x0
-        fake_x0 = self.nets.fake_score(x_t, t, batch.text, batch.uncond, self.fake_guidance_scale_generator, step=step).x0
+        real_x0 = self.nets.teacher(x_t, t, batch.condition, batch.unconditional, self.teacher_guidance_scale).x0
+        fake_x0 = self.nets.fake_score(x_t, t, batch.condition, batch.unconditional, self.fake_guidance_scale_generator,
+                                       step=step).x0
         losses: Losses = {"sid": sid_loss(x_g, real_x0, fake_x0, self.alpha)}
         total = losses["sid"]
         # 3. optional diffusion-GAN term (few-step SiD, when real images are given)

@@ -1,9 +1,10 @@
-"""The denoiser contract: ``x0, eps = denoiser(x_t, t, text)`` whatever the network predicts.
+"""The denoiser contract: ``x0, eps = denoiser(x_t, t, condition)`` whatever the network is and predicts.
 
 Every method talks to teacher, student and fake score through :class:`Denoiser`, which wraps a
-diffusers ``UNet2DConditionModel`` and the teacher's :class:`~stepdistill.diffusion.NoiseProcess`.
-With LoRA, several denoisers share one UNet and differ only in the adapter they switch on
-(``adapter=None`` means the frozen base, i.e. the teacher).
+diffusers network (UNet, SD3 or Flux transformer, through its :mod:`~stepdistill.models.backbones`
+adapter) and the teacher's :class:`~stepdistill.diffusion.NoiseProcess`. With LoRA, several denoisers
+share one network and differ only in the adapter they switch on (``adapter=None`` means the frozen
+base, i.e. the teacher).
 """
 
 from __future__ import annotations
@@ -13,25 +14,28 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stepdistill import conditioning
+from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess, classifier_free_guidance
+from stepdistill.models.backbones import adapter_for
 from stepdistill.models.guidance_embedding import guidance_scale_embedding
 
 
-def select_adapter(unet: nn.Module, adapter: str | None) -> None:
-    """Switch a peft UNet to ``adapter`` alone (``None``: the base weights, adapters off).
+def select_adapter(network: nn.Module, adapter: str | None) -> None:
+    """Switch a peft network to ``adapter`` alone (``None``: the base weights, adapters off).
 
     peft's switches also flip ``requires_grad`` (on for the active adapter, off for the rest).
     Autograd reads that flag at backward time, after other denoisers have switched again, so we set
     every LoRA weight back to trainable: which weights an update changes is the optimiser's business.
     """
-    if not getattr(unet, "_hf_peft_config_loaded", False):
+    if not getattr(network, "_hf_peft_config_loaded", False):
         return
     if adapter is None:
-        unet.disable_adapters()
+        network.disable_adapters()
     else:
-        unet.enable_adapters()
-        unet.set_adapter(adapter)
-    for name, param in unet.named_parameters():
+        network.enable_adapters()
+        network.set_adapter(adapter)
+    for name, param in network.named_parameters():
         if ".lora_" in name:
             param.requires_grad_(True)
 
@@ -44,85 +48,98 @@ class Prediction:
     eps: torch.Tensor
 
 
-class _FeaturesReady(Exception):
-    """Raised by the mid-block hook to stop a forward pass whose remaining layers are not needed."""
-
-
 class Denoiser(nn.Module):
-    """Wrap a UNet so it returns (x̂0, ε̂); optionally with classifier-free guidance, or with the
-    guidance scale as an input for UNets built to take one (:mod:`~stepdistill.models.guidance_embedding`)."""
+    """Wrap a network so it returns (x̂0, ε̂) at (x_t, t, condition), whatever its backbone and prediction
+    type; optionally with classifier-free guidance, with a guidance-scale input for UNets built to take
+    one (:mod:`~stepdistill.models.guidance_embedding`), or through the network's own guidance input
+    (FLUX.1-dev), which then replaces CFG."""
 
-    def __init__(self, unet: nn.Module, process: NoiseProcess, adapter: str | None = None) -> None:
+    def __init__(self, network: nn.Module, process: NoiseProcess, adapter: str | None = None) -> None:
         super().__init__()
-        self.unet = unet
+        self.network = network
         self.process = process
         self.adapter = adapter
+        self.backbone = adapter_for(network)
+
+    @property
+    def takes_guidance_input(self) -> bool:
+        """Whether the network has a guidance input of its own (FLUX.1-dev), which replaces CFG."""
+        return self.backbone.takes_guidance(self.network)
 
     @property
     def takes_guidance_scale(self) -> bool:
-        """Whether the UNet has a guidance-scale input (then every call needs ``embedded_guidance``)."""
-        return self.unet.config.time_cond_proj_dim is not None
+        """Whether the UNet has a guidance-scale embedding (then every call needs ``embedded_guidance``)."""
+        return getattr(self.network.config, "time_cond_proj_dim", None) is not None
 
     def forward(
         self,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        text: torch.Tensor,
-        uncond: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
+        condition: Condition,
+        unconditional: Condition | None = None,
+        guidance_scale: float | torch.Tensor = 1.0,
         embedded_guidance: torch.Tensor | None = None,
         step: torch.Tensor | None = None,
     ) -> Prediction:
-        """Denoise ``x_t`` at integer timesteps ``t`` (shape ``(B,)``) given text embeddings ``(B, L, D)``.
+        """Denoise ``x_t`` at timesteps ``t`` (shape ``(B,)``, the teacher's units) given ``condition``.
 
-        With ``guidance_scale != 1`` the unconditional embeddings ``uncond`` are required and the
-        network runs once on the doubled batch; CFG is applied to the raw prediction (equivalent
-        to applying it to x̂0 or ε̂, which are affine in it at fixed x_t). A UNet with a
-        guidance-scale input needs ``embedded_guidance``, the per-sample scales ``(B,)``, instead. A UNet
-        with a step embedding (a per-step fake score) needs ``step``, the generation step of each sample
-        ``(B,)``; it enters through diffusers' class-label input.
+        With ``guidance_scale != 1`` the ``unconditional`` condition is required and the network runs
+        once on the doubled batch (every condition entry concatenated); CFG is applied to the raw
+        prediction (equivalent to applying it to x̂0 or ε̂, which are affine in it at fixed x_t). A
+        network with a guidance input of its own (FLUX.1-dev) gets ``guidance_scale`` there instead, in
+        one pass (``guidance_scale`` may then be per sample, ``(B,)``). A UNet with a guidance-scale embedding needs ``embedded_guidance``, the per-sample
+        scales ``(B,)``. A UNet with a step embedding (a per-step fake score) needs ``step``, the
+        generation step of each sample ``(B,)``; it enters through diffusers' class-label input.
         """
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must have shape ({x_t.shape[0]},) (got {tuple(t.shape)})")
+        guidance = None
+        if self.takes_guidance_input:
+            guidance = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+            guidance_scale = 1.0
         guided = guidance_scale != 1.0
-        if guided and uncond is None:
-            raise ValueError("classifier-free guidance needs unconditional embeddings")
-        embedding_dim = self.unet.config.time_cond_proj_dim
+        if guided and unconditional is None:
+            raise ValueError("classifier-free guidance needs the unconditional condition")
+        embedding_dim = getattr(self.network.config, "time_cond_proj_dim", None)
         if (embedded_guidance is None) != (embedding_dim is None):
             raise ValueError("a UNet with a guidance-scale input needs embedded_guidance, and only such a UNet takes it")
-        condition = None if embedding_dim is None else guidance_scale_embedding(embedded_guidance, embedding_dim)
-        select_adapter(self.unet, self.adapter)
+        embedding = None if embedding_dim is None else guidance_scale_embedding(embedded_guidance, embedding_dim)
+        select_adapter(self.network, self.adapter)
         if guided:
-            if condition is not None:
-                condition = torch.cat([condition, condition])
+            if embedding is not None:
+                embedding = torch.cat([embedding, embedding])
             if step is not None:
                 step = torch.cat([step, step])
-            both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, uncond]),
-                             timestep_cond=condition, class_labels=step).sample
-            conditional, unconditional = both.chunk(2)
-            prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)
+            both = self.backbone(self.network, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                 conditioning.concat(condition, unconditional), timestep_cond=embedding,
+                                 class_labels=step)
+            conditional, unconditional_prediction = both.chunk(2)
+            prediction = classifier_free_guidance(conditional, unconditional_prediction, guidance_scale)
         else:
-            prediction = self.unet(x_t, t, text, timestep_cond=condition, class_labels=step).sample
+            prediction = self.backbone(self.network, x_t, t, condition, guidance=guidance, timestep_cond=embedding,
+                                       class_labels=step)
         x0, eps = self.process.to_x0_eps(prediction.float(), x_t.float(), t)
         return Prediction(x0=x0, eps=eps)
 
     def features(
-        self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, step: torch.Tensor | None = None
+        self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, step: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mid-block features alone: the forward pass stops there (the up path is never run)."""
-        captured: list[torch.Tensor] = []
+        """Features ``(B, C, h, w)`` of the backbone's feature layer (a UNet's mid block, a transformer's
+        middle joint block) for a discriminator head."""
+        select_adapter(self.network, self.adapter)
+        return self.backbone.features(self.network, x_t, t, condition, class_labels=step)
 
-        def stop(module, inputs, output):
-            captured.append(output)
-            raise _FeaturesReady
 
-        hook = self.unet.mid_block.register_forward_hook(stop)
-        try:
-            select_adapter(self.unet, self.adapter)
-            self.unet(x_t, t, text, class_labels=step)
-        except _FeaturesReady:
-            return captured[0]
-        finally:
-            hook.remove()
-        raise RuntimeError("the UNet's mid block never ran")
-
+def guided(
+    denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, unconditional: Condition,
+    scales: torch.Tensor,
+) -> Prediction:
+    """(x̂0, ε̂) of ``denoiser`` guided at per-sample scales ``scales`` ``(B,)``: CFG of a conditional and
+    an unconditional pass combined on x̂0 and ε̂ (both affine in the network output at fixed x_t), or
+    one pass through the network's own guidance input where it has one."""
+    if getattr(denoiser, "takes_guidance_input", False):
+        return denoiser(x_t, t, condition, guidance_scale=scales)
+    conditional, unconditional_prediction = denoiser(x_t, t, condition), denoiser(x_t, t, unconditional)
+    w = scales.reshape(-1, *([1] * (x_t.ndim - 1)))
+    return Prediction(x0=classifier_free_guidance(conditional.x0, unconditional_prediction.x0, w),
+                      eps=classifier_free_guidance(conditional.eps, unconditional_prediction.eps, w))

@@ -52,7 +52,7 @@ def with_guidance_embedding(unet: UNet2DConditionModel, dim: int = LCM_EMBEDDING
 
 
 class AtGuidanceScale(nn.Module):
-    """A guidance-embedded student fixed at one scale w: ``model(x_t, t, text)`` as samplers call it."""
+    """A guidance-embedded student fixed at one scale w: ``model(x_t, t, condition)`` as samplers call it."""
 
     def __init__(self, student: nn.Module, guidance_scale: float) -> None:
         super().__init__()
@@ -63,6 +63,6 @@ class AtGuidanceScale(nn.Module):
     def process(self) -> NoiseProcess:
         return self.student.process
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Prediction:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> Prediction:
         scale = torch.full((x_t.shape[0],), self.guidance_scale, device=x_t.device)
-        return self.student(x_t, t, text, embedded_guidance=scale)
+        return self.student(x_t, t, condition, embedded_guidance=scale)

@@ -52,7 +52,9 @@ def load_pipeline(
         transformers_logging.disable_progress_bar()
     try:
         index = DiffusionPipeline.load_config(name, revision=revision)
-        extra = {"safety_checker": None} if "safety_checker" in index else {}
+        # parts saved as absent ([null, null], e.g. SD3 without its T5 encoder) load as None
+        extra = {part: None for part, entry in index.items()
+                 if part == "safety_checker" or (isinstance(entry, list) and entry[0] is None)}
         pipe = DiffusionPipeline.from_pretrained(name, revision=revision, variant=variant, torch_dtype=torch_dtype, **extra)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,8 +1,8 @@
 """The networks of a distillation run: frozen teacher, student (generator), fake score, discriminator.
 
-Full mode keeps three UNets: the frozen teacher and two trainable copies of it. LoRA mode keeps
-ONE frozen UNet with two peft LoRA adapters, ``student`` and ``fake_score``; the teacher is that
-UNet with adapters off. LoRA B-matrices start at zero, so in both modes student and fake score
+Full mode keeps three networks (UNets or transformers): the frozen teacher and two trainable copies
+of it. LoRA mode keeps ONE frozen network with two peft LoRA adapters, ``student`` and ``fake_score``,
+on the backbone's target modules; the teacher is that network with adapters off. LoRA B-matrices start at zero, so in both modes student and fake score
 start as exact copies of the teacher. A full fake score may also be told which step of a
 few-step student made its input (:class:`StepEmbedding`), also zero at the start.
 """
@@ -18,18 +18,16 @@ from peft import LoraConfig
 from torch import nn
 
 from stepdistill.diffusion import NoiseProcess
+from stepdistill.models.backbones import adapter_for
 from stepdistill.models.denoiser import Denoiser, select_adapter
 from stepdistill.models.guidance_embedding import with_guidance_embedding
 
 STUDENT, FAKE_SCORE = "student", "fake_score"
-LORA_TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)
 
 
 class DiscriminatorHead(nn.Module):
-    """DMD2's GAN classifier on the fake score's mid-block features ``(B, C, h, w)`` → one logit per image."""
+    """DMD2's GAN classifier on the fake score's features ``(B, C, h, w)`` (a UNet's mid block, a
+    transformer's middle block as a token grid) → one logit per image."""
 
     def __init__(self, channels: int, hidden: int = 128) -> None:
         super().__init__()
@@ -88,29 +86,30 @@ class Networks:
     discriminator: DiscriminatorHead | None
 
     def generator_parameters(self) -> list[nn.Parameter]:
-        return _trainable(self.student.unet, STUDENT)
+        return _trainable(self.student.network, STUDENT)
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        params = _trainable(self.fake_score.unet, FAKE_SCORE) if self.fake_score is not None else []
+        params = _trainable(self.fake_score.network, FAKE_SCORE) if self.fake_score is not None else []
         if self.discriminator is not None:
             params += list(self.discriminator.parameters())
         return params
 
 
-def _trainable(unet: nn.Module, adapter: str) -> list[nn.Parameter]:
-    """All weights of a full copy, or only the LoRA weights of ``adapter`` on a shared UNet."""
-    if getattr(unet, "_hf_peft_config_loaded", False):
-        return [p for name, p in unet.named_parameters() if f".{adapter}." in name]
-    return list(unet.parameters())
+def _trainable(network: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """All weights of a full copy, or only the LoRA weights of ``adapter`` on a shared network."""
+    if getattr(network, "_hf_peft_config_loaded", False):
+        return [p for name, p in network.named_parameters() if f".{adapter}." in name]
+    return list(network.parameters())
 
 
-def lora_config(rank: int) -> LoraConfig:
-    """LoRA on attention, feed-forward and convolution layers (B = 0 at start, scale α/r = 1)."""
-    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES))
+def lora_config(rank: int, target_modules: tuple[str, ...]) -> LoraConfig:
+    """LoRA on ``target_modules`` (the backbone's: attention, feed-forward, convolutions; B = 0 at
+    start, scale α/r = 1)."""
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(target_modules))
 
 
 def build_networks(
-    teacher_unet: nn.Module,
+    teacher_network: nn.Module,
     process: NoiseProcess,
     use_lora: bool = False,
     lora_rank: int = 16,
@@ -119,9 +118,13 @@ def build_networks(
     guidance_embedding_dim: int | None = None,
     fake_score_steps: int = 1,
 ) -> Networks:
-    """Student and (unless ``with_fake_score=False``) fake score initialised from the teacher,
-    full copies or LoRA adapters; ``guidance_embedding_dim`` gives a full student a guidance-scale
-    input, ``fake_score_steps`` > 1 a full fake score a :class:`StepEmbedding` of that many steps."""
+    """Student and (unless ``with_fake_score=False``) fake score initialised from the teacher network,
+    full copies or LoRA adapters; ``guidance_embedding_dim`` gives a full UNet student a guidance-scale
+    input, ``fake_score_steps`` > 1 a full UNet fake score a :class:`StepEmbedding` of that many steps."""
+    backbone = adapter_for(teacher_network)
+    if (guidance_embedding_dim is not None or fake_score_steps > 1) and not backbone.supports_step_input():
+        raise ValueError(f"guidance-scale and step embeddings are for UNets; a {type(teacher_network).__name__} "
+                         "has no time-embedding slot for them")
     if guidance_embedding_dim is not None and use_lora:
         raise ValueError("a guidance-scale input needs a full-weight student: LoRA cannot add the projection layer")
     if fake_score_steps < 1:
@@ -131,7 +134,7 @@ def build_networks(
     if fake_score_steps > 1 and use_lora:
         raise ValueError("a per-step fake score needs a full-weight fake score: LoRA adapters share the UNet with "
                          "the teacher, which has no step input")
-    teacher_unet.requires_grad_(False).eval()
+    teacher_network.requires_grad_(False).eval()
     adapters = (STUDENT, FAKE_SCORE) if with_fake_score else (STUDENT,)
     if use_lora:
         if lora_rank < 1:
@@ -139,22 +142,23 @@ def build_networks(
         with warnings.catch_warnings():  # peft warns about a second adapter, which is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for adapter in adapters:
-                teacher_unet.add_adapter(lora_config(lora_rank), adapter_name=adapter)
-        select_adapter(teacher_unet, STUDENT)
-        student_unet = fake_unet = teacher_unet
+                teacher_network.add_adapter(lora_config(lora_rank, backbone.lora_target_modules), adapter_name=adapter)
+        select_adapter(teacher_network, STUDENT)
+        student_network = fake_network = teacher_network
     else:
-        student_unet = (copy.deepcopy(teacher_unet) if guidance_embedding_dim is None
-                        else with_guidance_embedding(teacher_unet, guidance_embedding_dim))
-        student_unet.requires_grad_(True).train()
-        fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True).train() if with_fake_score else None
+        student_network = (copy.deepcopy(teacher_network) if guidance_embedding_dim is None
+                           else with_guidance_embedding(teacher_network, guidance_embedding_dim))
+        student_network.requires_grad_(True).train()
+        fake_network = copy.deepcopy(teacher_network).requires_grad_(True).train() if with_fake_score else None
         if fake_score_steps > 1:
-            add_step_embedding(fake_unet, fake_score_steps)
+            add_step_embedding(fake_network, fake_score_steps)
     discriminator = None
     if with_discriminator:
-        discriminator = DiscriminatorHead(teacher_unet.config.block_out_channels[-1])
+        discriminator = DiscriminatorHead(backbone.feature_channels(teacher_network))
     return Networks(
-        teacher=Denoiser(teacher_unet, process, adapter=None),
-        student=Denoiser(student_unet, process, adapter=STUDENT if use_lora else None),
-        fake_score=Denoiser(fake_unet, process, adapter=FAKE_SCORE if use_lora else None) if with_fake_score else None,
+        teacher=Denoiser(teacher_network, process, adapter=None),
+        student=Denoiser(student_network, process, adapter=STUDENT if use_lora else None),
+        fake_score=(Denoiser(fake_network, process, adapter=FAKE_SCORE if use_lora else None)
+                    if with_fake_score else None),
         discriminator=discriminator,
     )

@@ -1,8 +1,8 @@
-"""The frozen teacher: a Stable-Diffusion-family pipeline, its noise process and its prompt encoder.
+"""The frozen teacher: a text-to-image pipeline, its backbone adapter, its noise process and its encoders.
 
-Supported today: pipelines whose denoiser is a ``UNet2DConditionModel`` conditioned only on one
-text encoder's hidden states (SD 1.x / 2.x and the shipped digits teacher), predicting ε, x0 or v
-on a DDPM-family schedule. Others are refused with a message that says so.
+Supported: Stable Diffusion 1.x/2.x and SDXL (UNets, DDPM-family schedulers: ε, x0 or v prediction),
+SD3/SD3.5 and Flux (transformers, rectified flow). Others are refused with a message that says so
+(:func:`~stepdistill.models.backbones.backbone_for`).
 """
 
 from __future__ import annotations
@@ -10,68 +10,93 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
+from torch import nn
 
-from stepdistill.diffusion import NoiseProcess
+from stepdistill import conditioning
+from stepdistill.conditioning import Condition
+from stepdistill.diffusion import NoiseProcess, process_from_scheduler
+from stepdistill.models.backbones import Backbone, BackboneError, backbone_for
 from stepdistill.models.loading import PipelineError, load_pipeline
 
 
 @dataclass
 class Teacher:
-    """A loaded teacher pipeline with its frozen parts and its noise process."""
+    """A loaded teacher pipeline with its frozen parts, its adapter, its noise process and the
+    resolution it is distilled at."""
 
     pipeline: DiffusionPipeline
+    backbone: Backbone
     process: NoiseProcess
+    resolution: int
 
     @property
-    def unet(self) -> UNet2DConditionModel:
-        return self.pipeline.unet
+    def network(self) -> nn.Module:
+        """The denoising network: a UNet or a transformer."""
+        return self.backbone.network(self.pipeline)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
+        """``(C, h, w)`` of one latent at :attr:`resolution`, as methods see it (unpacked)."""
+        return self.backbone.latent_shape(self.pipeline, self.resolution)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Text-encoder hidden states ``(N, L, D)`` for ``prompts`` (the UNet's cross-attention input)."""
-        chunks = []
-        for start in range(0, len(prompts), batch_size):
-            embeddings, _ = self.pipeline.encode_prompt(
-                prompts[start : start + batch_size], device=self.unet.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-            )
-            chunks.append(embeddings)
-        return torch.cat(chunks)
+    def encode_prompts(self, prompts: list[str], batch_size: int = 256) -> Condition:
+        """The condition of every prompt (text-encoder outputs the network reads), computed in chunks."""
+        chunks = [self.backbone.encode(self.pipeline, prompts[start : start + batch_size], self.resolution)
+                  for start in range(0, len(prompts), batch_size)]
+        return conditioning.concat(*chunks)
+
+    @torch.no_grad()
+    def encode_unconditional(self) -> Condition:
+        """The unconditional condition of classifier-free guidance, one sample (as the pipeline makes it)."""
+        return self.backbone.encode_unconditional(self.pipeline, self.resolution)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Scaled VAE latents (posterior means) of ``(N, 3, H, W)`` images in [-1, 1]."""
+        """Scaled (and shifted, where the VAE has a shift factor) VAE latents (posterior means) of
+        ``(N, 3, H, W)`` images in [-1, 1]."""
         vae = self.pipeline.vae
-        latents = [
-            vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-            for chunk in images.split(batch_size)
-        ]
+        shift = vae.config.get("shift_factor") or 0.0
+        latents = []
+        for chunk in images.split(batch_size):
+            mean = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean
+            latents.append((mean - shift) * vae.config.scaling_factor if shift else mean * vae.config.scaling_factor)
         return torch.cat(latents).float()
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(N, 3, H, W)`` in [-1, 1] from latents as :meth:`encode_images` makes them."""
+        vae = self.pipeline.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+        return vae.decode(scaled + shift if shift else scaled).sample.float().clamp(-1, 1)
 
-def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> Teacher:
-    """Load and freeze a teacher pipeline; refuse architectures the methods cannot drive yet."""
+
+def load_teacher(
+    name_or_path: str, revision: str | None = None, variant: str | None = None, resolution: int | None = None,
+    timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+    timestep_shift: float | None = None,
+) -> Teacher:
+    """Load and freeze a teacher pipeline at ``resolution`` px (default: the pipeline's own); refuse
+    architectures, schedulers and sizes the methods cannot drive, in one line each."""
     pipe = load_pipeline(name_or_path, revision=revision, variant=variant)
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, UNet2DConditionModel) or not hasattr(pipe, "encode_prompt"):
-        raise PipelineError(
-            f"{name_or_path} is a {type(pipe).__name__}; stepdistill distils UNet text-to-image pipelines "
-            "(Stable Diffusion 1.x/2.x style) so far. Transformer (SD3, Flux) teachers are not supported yet."
-        )
-    if unet.config.addition_embed_type is not None or getattr(pipe, "text_encoder_2", None) is not None:
-        raise PipelineError(
-            f"{name_or_path} needs added conditioning (SDXL-style text_encoder_2 / time ids), which is not supported yet"
-        )
     try:
-        process = NoiseProcess.from_scheduler(pipe.scheduler)
+        backbone = backbone_for(pipe)
+    except BackboneError as error:
+        raise PipelineError(f"{name_or_path}: {error}") from None
+    resolution = resolution or backbone.default_resolution(pipe)
+    multiple = backbone.resolution_multiple(pipe)
+    if resolution % multiple:
+        raise PipelineError(f"--resolution {resolution} is not a multiple of {multiple}, which this "
+                            f"{type(pipe).__name__} needs (its VAE and patch size)")
+    try:
+        process = process_from_scheduler(
+            pipe.scheduler, image_seq_len=backbone.image_seq_len(backbone.latent_shape(pipe, resolution)),
+            timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std, shift=timestep_shift)
     except ValueError as error:
         raise PipelineError(f"{name_or_path}: {error}") from None
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False).eval()
-    return Teacher(pipeline=pipe, process=process)
+    for name, part in pipe.components.items():
+        if isinstance(part, nn.Module):
+            part.requires_grad_(False).eval()
+    return Teacher(pipeline=pipe, backbone=backbone, process=process, resolution=resolution)

@@ -17,13 +17,13 @@ from stepdistill.run.cli import command_line
 from stepdistill.run.end import export_student, final_report, finish
 from stepdistill.run.flags import FakeScoreConfig, RunConfig
 from stepdistill.run.setup import (
-    Setup, batch_sampler, enable_gradient_checkpointing, image_size, open_output, scores_digits, set_up, start,
+    Setup, batch_sampler, enable_gradient_checkpointing, open_output, scores_digits, set_up, start,
     training_data,
 )
 from stepdistill.run.training import fake_score_trainer, make_validator, trainer_config
 
 __all__ = [
     "FakeScoreConfig", "RunConfig", "Setup", "batch_sampler", "command_line", "enable_gradient_checkpointing",
-    "export_student", "fake_score_trainer", "final_report", "finish", "image_size", "make_validator", "open_output",
+    "export_student", "fake_score_trainer", "final_report", "finish", "make_validator", "open_output",
     "scores_digits", "set_up", "start", "trainer_config", "training_data",
 ]

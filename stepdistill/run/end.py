@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import LCMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
 from stepdistill import export
@@ -21,33 +21,34 @@ from stepdistill.trainer import Trainer
 
 
 def finish(
-    cfg: RunConfig, setup: Setup, trainer: Trainer, student_unet: nn.Module, adapter: str | None,
-    scheduler: LCMScheduler | None = None, guidance_scale: float = 1.0, student_steps: tuple[int, ...] = (),
+    cfg: RunConfig, setup: Setup, trainer: Trainer, student_network: nn.Module, adapter: str | None,
+    scheduler: SchedulerMixin, guidance_scale: float = 1.0, student_steps: tuple[int, ...] = (),
 ) -> None:
     """After training: end the trackers; on the main process export the student and score the export
     (:func:`export_student`, :func:`final_report`)."""
     setup.accelerator.end_training()
     training = trainer.summary()  # before the export and the report add to the peak memory
     if setup.accelerator.is_main_process:
-        student_dir = export_student(cfg, setup.teacher, trainer, student_unet, adapter, scheduler, guidance_scale)
+        student_dir = export_student(cfg, setup.teacher, trainer, student_network, adapter, scheduler, guidance_scale)
         final_report(cfg, setup.teacher, setup.prompts, student_dir, training, student_steps, guidance_scale)
 
 
 def export_student(
-    cfg: RunConfig, teacher: Teacher, trainer: Trainer, student_unet: nn.Module, adapter: str | None,
-    scheduler: LCMScheduler | None = None, guidance_scale: float = 1.0,
+    cfg: RunConfig, teacher: Teacher, trainer: Trainer, student_network: nn.Module, adapter: str | None,
+    scheduler: SchedulerMixin, guidance_scale: float = 1.0,
 ) -> Path:
     """Write ``output_dir/student`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline,
-    with ``scheduler`` (default: :func:`export.student_scheduler` of the teacher's); ``guidance_scale``
+    with the student ``scheduler`` (:func:`export.student_scheduler`); ``guidance_scale``
     is the one to sample at (1, unless the student takes it as an input)."""
     if trainer.ema is not None:
         trainer.ema.copy_to_parameters()
-    student_unet = trainer.accelerator.unwrap_model(student_unet)
+    student_network = trainer.accelerator.unwrap_model(student_network)
     student_dir = Path(cfg.output_dir) / "student"
     if cfg.use_lora:
-        export.export_lora(teacher.pipeline, student_unet, adapter, student_dir, cfg.num_student_steps, scheduler)
+        export.export_lora(teacher.pipeline, student_network, adapter, student_dir, cfg.num_student_steps, scheduler)
     else:
-        export.export_full(teacher.pipeline, student_unet, student_dir, cfg.num_student_steps, scheduler, guidance_scale)
+        export.export_full(teacher.pipeline, student_network, student_dir, cfg.num_student_steps, scheduler,
+                           guidance_scale)
     steps = trainer.progress.step
     print(f"trained {steps} step{'' if steps == 1 else 's'} in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
     return student_dir
@@ -78,7 +79,7 @@ def final_report(
         results = report.evaluate(student, "student", steps, (student_guidance_scale,), eval_prompts, scorers,
                                   output_dir, seed=cfg.seed)
         if cfg.teacher_eval_steps:
-            select_adapter(teacher.unet, None)  # with --use_lora the student's adapters live on the teacher's UNet
+            select_adapter(teacher.network, None)  # with --use_lora the student's adapters live on the teacher's network
             results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,),
                                        (cfg.teacher_report_guidance_scale,), eval_prompts, scorers, output_dir, seed=cfg.seed)
         extra["real_vs_real_fd_digits"] = floor = scorers.digits.real_floor(cfg.eval_num_samples)
@@ -86,7 +87,8 @@ def final_report(
         print(f"\nreal-vs-real FD-digits floor at {cfg.eval_num_samples} samples: {floor:.3f}")
     elif cfg.eval_num_samples:
         student, _ = export.load_student(student_dir, cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-        images, _ = generate(student, prompts[:16], cfg.num_student_steps, student_guidance_scale, seed=cfg.seed)
+        images, _ = generate(student, prompts[:16], cfg.num_student_steps, student_guidance_scale, seed=cfg.seed,
+                             resolution=teacher.resolution)
         save_grid(images, output_dir / "student_grid.png", num_columns=4)
     plots.plot_validation_curve(  # nothing without digits validations; teacher and floor lines when scored
         output_dir / "train_log.jsonl", output_dir / "validation_curve.png",

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
-from diffusers import DDIMScheduler, LCMScheduler
+from diffusers import DDIMScheduler  # any scheduler class reads any scheduler config
 from diffusers.optimization import SchedulerType
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from stepdistill import config as configs
 from stepdistill import export
 from stepdistill.assets import DIGITS_TEACHER, DIGITS_TEACHER_BEST_GUIDANCE
 from stepdistill.config import ConfigError, field
+from stepdistill.diffusion import FlowProcess
 from stepdistill.models.loading import PipelineError, require_pipeline_location
 from stepdistill.models.teacher import Teacher
 from stepdistill.trainer import find_checkpoint
@@ -27,8 +29,15 @@ class RunConfig:
     pretrained_model_name_or_path: str = field(str(DIGITS_TEACHER), "teacher pipeline folder or hub id (default: shipped digits teacher)")
     revision: str | None = field(None, "hub revision of the teacher")
     variant: str | None = field(None, "weight variant of the teacher, e.g. fp16")
-    use_lora: bool = field(False, "train LoRA adapters on the frozen teacher UNet instead of full copies")
+    use_lora: bool = field(False, "train LoRA adapters on the frozen teacher network instead of full copies")
     lora_rank: int = field(16, "LoRA rank")
+    resolution: int | None = field(None, "image side in px (default: the teacher's own; a multiple of its VAE and patch size)")
+    timestep_sampling: str = field("uniform", "how training noise levels are drawn: uniform, or logit_normal "
+                                              "(flow-matching teachers: σ = shift(sigmoid(z)), z ~ N(m, s²), SD3's)")
+    logit_mean: float = field(0.0, "m of --timestep_sampling logit_normal")
+    logit_std: float = field(1.0, "s of --timestep_sampling logit_normal")
+    timestep_shift: float | None = field(None, "flow-matching teachers: the σ shift (default: the scheduler's; Flux's "
+                                               "dynamic shift at --resolution)")
     # data
     prompts_file: str | None = field(None, ".txt / .jsonl prompts (default: the digits captions)")
     train_data_dir: str | None = field(None, "captioned image folder (metadata.jsonl) of real images")
@@ -79,6 +88,12 @@ class RunConfig:
                      "validation_steps", "num_threads", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ConfigError(f"--timestep_sampling must be uniform or logit_normal (got {self.timestep_sampling!r})")
+        if not self.logit_std > 0 or not (self.timestep_shift is None or self.timestep_shift > 0):
+            raise ConfigError("--logit_std and --timestep_shift must be > 0")
+        if self.resolution is not None and self.resolution < 8:
+            raise ConfigError(f"--resolution must be ≥ 8 px (got {self.resolution})")
         if (self.teacher_eval_guidance_scale or 0) < 0:
             raise ConfigError(f"--teacher_eval_guidance_scale must be ≥ 0 (got {self.teacher_eval_guidance_scale})")
         if self.num_student_steps > 50:
@@ -142,14 +157,18 @@ class RunConfig:
         return not (self.prompts_file or self.train_data_dir)
 
 
+DEFAULT_CONDITIONING_TIMESTEP = 625
+
+
 @dataclass
 class FakeScoreConfig(RunConfig):
     """Flags shared by the methods that train a fake score against the student (DMD2, SiD)."""
 
     critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate")
     critic_steps_per_generator_step: int = field(1, "fake-score updates per student update (TTUR)")
-    conditioning_timestep: int = field(625, "timestep of the student's first step from pure noise (SiD's 625; the DMD2 "
-                                            "paper's is 999); the export samples there")
+    conditioning_timestep: int | None = field(None, "DDPM-family teachers: timestep of the student's first step from "
+                                                    "pure noise (default 625, SiD's; the DMD2 paper's is 999); the "
+                                                    "export samples there. Flow students start at σ = 1")
     gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)")
     gan_critic_weight: float = field(0.0, "weight of the GAN term in the critic loss (0: off; needs real images)")
     gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
@@ -170,8 +189,14 @@ class FakeScoreConfig(RunConfig):
         if self.uses_gan and self.prompts_file:
             raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
                               "or set the GAN weights to 0")
-        last = self.teacher_scheduler_config()["num_train_timesteps"] - 1
-        if not 1 <= self.conditioning_timestep <= last:
+        scheduler_config = self.teacher_scheduler_config()
+        last = scheduler_config["num_train_timesteps"] - 1
+        if "FlowMatch" in scheduler_config.get("_class_name", ""):
+            last += 1  # a flow teacher's timesteps are 1000σ, σ ∈ [0, 1]
+            if self.conditioning_timestep is not None:
+                raise ConfigError("--conditioning_timestep is for DDPM-family teachers: a flow-matching student "
+                                  "starts from pure noise at σ = 1")
+        elif not 1 <= self.first_timestep <= last:
             raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
                               f"(got {self.conditioning_timestep})")
         if self.per_step_fake_score and (self.use_lora or self.num_student_steps == 1):
@@ -186,10 +211,16 @@ class FakeScoreConfig(RunConfig):
         return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
 
     @property
+    def first_timestep(self) -> int:
+        """The student's first timestep on a DDPM-family teacher (--conditioning_timestep, default 625)."""
+        return DEFAULT_CONDITIONING_TIMESTEP if self.conditioning_timestep is None else self.conditioning_timestep
+
+    @property
     def fake_score_steps(self) -> int:
         """How many generation steps the fake score tells apart (1: it learns their mixture)."""
         return self.num_student_steps if self.per_step_fake_score else 1
 
-    def student_scheduler(self, teacher: Teacher) -> LCMScheduler:
+    def student_scheduler(self, teacher: Teacher) -> SchedulerMixin:
         """The exported scheduler; the student's timesteps are read off it (training and sampling agree)."""
-        return export.student_scheduler(teacher.pipeline.scheduler, first_timestep=self.conditioning_timestep)
+        first = None if isinstance(teacher.process, FlowProcess) else self.first_timestep
+        return export.student_scheduler(teacher.pipeline.scheduler, teacher.process, first_timestep=first)

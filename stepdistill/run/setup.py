@@ -11,7 +11,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from stepdistill import conditioning
 from stepdistill import config as configs
+from stepdistill.config import ConfigError
 from stepdistill.data import digits, prompts as user_data
 from stepdistill.methods.base import Batch
 from stepdistill.models.networks import Networks
@@ -59,7 +61,11 @@ def set_up(cfg: RunConfig, name: str) -> Setup | None:
         print("flags are valid; --dry_run set, exiting before loading any model")
         return None
     accelerator = start(cfg)
-    teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+    teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.resolution,
+                           cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.timestep_shift)
+    if cfg.guidance_scale != 1 and not teacher.backbone.guidance_is_possible(teacher.network):
+        raise ConfigError(f"--guidance_scale {cfg.guidance_scale}: this {type(teacher.network).__name__} has neither a "
+                          "guidance input nor unconditional training (FLUX.1-schnell); pass --guidance_scale 1")
     teacher.pipeline.to(accelerator.device)
     prompts, real_latents = training_data(cfg, teacher)
     open_output(cfg, accelerator, name)
@@ -70,7 +76,7 @@ def set_up(cfg: RunConfig, name: str) -> Setup | None:
 def training_data(cfg: RunConfig, teacher: Teacher) -> tuple[list[str], torch.Tensor | None]:
     """Prompts to train on and, when available, the matching real images' latents."""
     if cfg.train_data_dir:
-        images, captions = user_data.read_image_folder(cfg.train_data_dir, image_size(teacher))
+        images, captions = user_data.read_image_folder(cfg.train_data_dir, teacher.resolution)
         return captions, teacher.encode_images(images)
     if cfg.prompts_file:
         return user_data.read_prompts(cfg.prompts_file), None
@@ -81,33 +87,29 @@ def training_data(cfg: RunConfig, teacher: Teacher) -> tuple[list[str], torch.Te
 def batch_sampler(
     cfg: RunConfig, teacher: Teacher, prompts: list[str], real_latents: torch.Tensor | None, device: torch.device
 ) -> Callable[[], Batch]:
-    """``next_batch()``: ``train_batch_size`` random prompts' cached text embeddings, the empty
-    prompt's, and the matching real latents (when there are any)."""
-    text = teacher.encode_prompts(prompts)
-    uncond = teacher.encode_prompts([""]).expand(cfg.train_batch_size, -1, -1).to(device)
+    """``next_batch()``: ``train_batch_size`` random prompts' cached conditions, the unconditional
+    condition, and the matching real latents (when there are any)."""
+    condition = teacher.encode_prompts(prompts)
+    unconditional = conditioning.to(conditioning.expand(teacher.encode_unconditional(), cfg.train_batch_size), device)
 
     def next_batch() -> Batch:
-        pick = torch.randint(len(text), (cfg.train_batch_size,))
+        pick = torch.randint(conditioning.batch_size(condition), (cfg.train_batch_size,))
         return Batch(
-            text=text[pick].to(device), uncond=uncond,
+            condition=conditioning.to(conditioning.select(condition, pick), device), unconditional=unconditional,
             real_latents=real_latents[pick].to(device) if real_latents is not None else None,
         )
 
     return next_batch
 
 
-def image_size(teacher: Teacher) -> int:
-    return teacher.unet.config.sample_size * teacher.pipeline.vae_scale_factor
-
-
 def scores_digits(cfg: RunConfig, teacher: Teacher) -> bool:
     """Whether the offline digits metrics apply: digit prompts and 32×32 images."""
-    return cfg.uses_digits and image_size(teacher) == digits.IMAGE_SIZE
+    return cfg.uses_digits and teacher.resolution == digits.IMAGE_SIZE
 
 
 def enable_gradient_checkpointing(cfg: RunConfig, nets: Networks) -> None:
-    """``--gradient_checkpointing``: recompute activations in every trained UNet (each shared one once)."""
+    """``--gradient_checkpointing``: recompute activations in every trained network (each shared one once)."""
     if cfg.gradient_checkpointing:
         trained = (n for n in (nets.student, nets.fake_score) if n is not None)
-        for unet in {id(n.unet): n.unet for n in trained}.values():
-            unet.enable_gradient_checkpointing()
+        for network in {id(n.network): n.network for n in trained}.values():
+            network.enable_gradient_checkpointing()

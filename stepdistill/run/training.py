@@ -44,9 +44,9 @@ def fake_score_trainer(cfg: RunConfig, setup: Setup, nets: Networks, method, cri
     return Trainer(
         trainer_config(cfg, critic_learning_rate=critic_learning_rate),
         method,
-        generator_modules=[nets.student.unet],
+        generator_modules=[nets.student.network],
         generator_parameters=nets.generator_parameters(),
-        critic_modules=[m for m in (nets.fake_score.unet, nets.discriminator) if m is not None],
+        critic_modules=[m for m in (nets.fake_score.network, nets.discriminator) if m is not None],
         critic_parameters=nets.critic_parameters(),
         next_batch=setup.next_batch,
         accelerator=setup.accelerator,
