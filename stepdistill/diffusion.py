@@ -352,6 +352,7 @@ def few_step_sample(
     process: NoiseProcess,
     generator: torch.Generator | None = None,
     stop_before: int | None = None,
+    draw_noise: Callable[..., torch.Tensor] = randn_tensor,
 ) -> torch.Tensor:
     """The few-step student sampler (LCM's multistep sampling, Luo et al. 2023, Alg. 1; DMD2 §4.3).
 
@@ -360,7 +361,9 @@ def few_step_sample(
     x ← α_{t'} x̂0 + σ_{t'} ε. Returns the final x̂0, or with ``stop_before=k`` the noisy input
     of step k (DMD2's backward simulation trains the student on exactly those inputs). This is
     what diffusers' ``LCMScheduler`` (``FlowMatchLCMScheduler`` on a flow teacher) computes with the
-    exported config and the same generator (noise drawn the same way, with ``randn_tensor``).
+    exported config and the same generator, when ``draw_noise(shape, generator=, device=, dtype=)``
+    draws the fresh noise as the pipeline does (``randn_tensor``; Flux's in its packed layout,
+    :meth:`~stepdistill.models.backbones.Backbone.draw_noise`).
     """
     x = noise
     batch = noise.shape[0]
@@ -370,6 +373,6 @@ def few_step_sample(
         x0 = denoise(x, torch.full((batch,), float(t), device=noise.device))
         if i == len(timesteps) - 1:
             return x0
-        fresh = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        fresh = draw_noise(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x = process.add_noise(x0, fresh, torch.full((batch,), float(timesteps[i + 1])))
     raise ValueError("timesteps must not be empty")

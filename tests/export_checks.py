@@ -15,7 +15,7 @@ PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
 def perturbed_networks(folder, use_lora: bool, **build_options) -> tuple:
     """Teacher and networks whose student differs from the teacher (as after training)."""
     teacher = load_teacher(str(folder))
-    nets = networks.build_networks(teacher.unet, teacher.process, use_lora=use_lora, lora_rank=4, **build_options)
+    nets = networks.build_networks(teacher.network, teacher.process, use_lora=use_lora, lora_rank=4, **build_options)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in nets.generator_parameters():
@@ -25,12 +25,12 @@ def perturbed_networks(folder, use_lora: bool, **build_options) -> tuple:
 
 def trainer_samples(teacher, student, scheduler, num_steps: int) -> torch.Tensor:
     """Latents from the trainer's own few-step sampler on the timesteps ``scheduler`` visits."""
-    text = teacher.encode_prompts(PROMPTS)
-    timesteps = export.student_timesteps(scheduler, num_steps)
+    condition = teacher.encode_prompts(PROMPTS)
+    timesteps = export.student_timesteps(scheduler, num_steps, teacher.backbone)
     noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return few_step_sample(
-            lambda x, t: student(x, t, text).x0, noise, timesteps, teacher.process,
+            lambda x, t: student(x, t, condition).x0, noise, timesteps, teacher.process,
             generator=torch.Generator().manual_seed(2),
         )
 

@@ -39,7 +39,8 @@ def trainer_latents(teacher, student, scheduler, num_steps: int) -> torch.Tensor
     timesteps = export.student_timesteps(scheduler, num_steps, teacher.backbone)
     with torch.no_grad():
         return few_step_sample(lambda x, t: student(x, t, condition).x0, noise_for(teacher), timesteps,
-                               teacher.process, generator=torch.Generator().manual_seed(2))
+                               teacher.process, generator=torch.Generator().manual_seed(2),
+                               draw_noise=teacher.backbone.draw_noise)
 
 
 def diffusers_latents(pipe, teacher, num_steps: int) -> torch.Tensor:

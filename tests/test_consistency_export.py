@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stepdistill import export
+from stepdistill.diffusion import process_from_scheduler
 from stepdistill.methods.consistency import ConsistencyDenoiser
 from stepdistill.models import networks
 from stepdistill.models.guidance_embedding import LCM_EMBEDDING_DIM, AtGuidanceScale
@@ -29,14 +30,14 @@ def perturbed_student(folder, use_lora: bool):
 @pytest.mark.parametrize("num_steps, solver_steps", [(1, 50), (2, 50), (4, 40)])
 def test_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, use_lora, num_steps, solver_steps):
     teacher, nets, student = perturbed_student(tiny_pipeline_dir, use_lora)
-    scheduler = export.student_scheduler(teacher.pipeline.scheduler, timestep_scaling=10.0,
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process, timestep_scaling=10.0,
                                          original_inference_steps=solver_steps)
     expected = trainer_samples(teacher, student, scheduler, num_steps)
     if use_lora:
-        export.export_lora(teacher.pipeline, nets.student.unet, networks.STUDENT, tmp_path, num_steps, scheduler)
+        export.export_lora(teacher.pipeline, nets.student.network, networks.STUDENT, tmp_path, num_steps, scheduler)
         pipe = export.load_lora_student(tiny_pipeline_dir, tmp_path)
     else:
-        export.export_full(teacher.pipeline, nets.student.unet, tmp_path, num_steps, scheduler)
+        export.export_full(teacher.pipeline, nets.student.network, tmp_path, num_steps, scheduler)
         pipe = load_pipeline(tmp_path)
     assert pipe.scheduler.config.timestep_scaling == 10.0
     assert pipe.scheduler.config.original_inference_steps == solver_steps
@@ -47,11 +48,11 @@ def test_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, use_lora, 
 def test_a_guidance_embedded_student_samples_in_diffusers_at_any_scale(tiny_pipeline_dir, tmp_path, guidance_scale):
     teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=False, with_fake_score=False,
                                        guidance_embedding_dim=LCM_EMBEDDING_DIM)
-    assert nets.student.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # perturbed: w matters
+    assert nets.student.network.time_embedding.cond_proj.weight.abs().sum() > 0  # perturbed: w matters
     student = AtGuidanceScale(ConsistencyDenoiser(nets.student, timestep_scaling=10.0), guidance_scale)
-    scheduler = export.student_scheduler(teacher.pipeline.scheduler, timestep_scaling=10.0)
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process, timestep_scaling=10.0)
     expected = trainer_samples(teacher, student, scheduler, 2)
-    export.export_full(teacher.pipeline, nets.student.unet, tmp_path, 2, scheduler, guidance_scale=guidance_scale)
+    export.export_full(teacher.pipeline, nets.student.network, tmp_path, 2, scheduler, guidance_scale=guidance_scale)
     pipe = load_pipeline(tmp_path)
     assert pipe.unet.config.time_cond_proj_dim == LCM_EMBEDDING_DIM
     # diffusers runs no CFG for such a UNet: it passes the scale's embedding, one network call per step
@@ -64,6 +65,7 @@ def test_student_timesteps_on_the_solver_grid():
     from diffusers import DDPMScheduler
 
     teacher_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    scheduler = export.student_scheduler(teacher_scheduler, timestep_scaling=10.0, original_inference_steps=40)
+    scheduler = export.student_scheduler(teacher_scheduler, process_from_scheduler(teacher_scheduler), timestep_scaling=10.0,
+                                         original_inference_steps=40)
     assert export.student_timesteps(scheduler, 4) == (999, 749, 499, 249)  # TSCD's 4 segment starts with k = 25
     assert export.student_timesteps(scheduler, 8) == (999, 874, 749, 624, 499, 374, 249, 124)

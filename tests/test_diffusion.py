@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+from diffusers import DDPMScheduler, EDMEulerScheduler, EulerDiscreteScheduler, LCMScheduler
 
-from stepdistill.diffusion import NoiseProcess, classifier_free_guidance, few_step_sample, uniform_timesteps
+from stepdistill.diffusion import VPProcess, classifier_free_guidance, few_step_sample, process_from_scheduler
 from stepdistill.export import student_scheduler, student_timesteps
 from stepdistill.models.tiny_sd import scheduler_config
 
@@ -15,7 +15,7 @@ SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_lin
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_conversions_round_trip(prediction_type):
-    process = NoiseProcess.from_scheduler(DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type))
+    process = process_from_scheduler(DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type))
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(6, 4, 8, 8, generator=generator, dtype=torch.float64)
     eps = torch.randn(6, 4, 8, 8, generator=generator, dtype=torch.float64)
@@ -29,7 +29,7 @@ def test_conversions_round_trip(prediction_type):
 
 def test_add_noise_matches_diffusers():
     scheduler = DDPMScheduler(**SD_SCHEDULE)
-    process = NoiseProcess.from_scheduler(scheduler)
+    process = process_from_scheduler(scheduler)
     x0, eps = torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8)
     t = torch.tensor([0, 10, 300, 700, 999])
     torch.testing.assert_close(process.add_noise(x0, eps, t), scheduler.add_noise(x0, eps, t), rtol=1e-5, atol=1e-6)
@@ -37,24 +37,24 @@ def test_add_noise_matches_diffusers():
 
 def test_v_prediction_matches_diffusers_velocity():
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
-    process = NoiseProcess.from_scheduler(scheduler)
+    process = process_from_scheduler(scheduler)
     x0, eps, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 990])
     torch.testing.assert_close(process.prediction_from(x0, eps, t), scheduler.get_velocity(x0, eps, t), rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_teachers_are_refused_with_a_reason():
-    with pytest.raises(ValueError, match="Flow-matching"):
-        NoiseProcess.from_scheduler(FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="neither a DDPM-family nor a flow-matching"):
+        process_from_scheduler(EDMEulerScheduler())
     with pytest.raises(ValueError, match="unsupported prediction_type"):
-        NoiseProcess(torch.linspace(0.99, 0.01, 10), "flow")
-    process = NoiseProcess.from_scheduler(EulerDiscreteScheduler(**SD_SCHEDULE))
+        VPProcess(torch.linspace(0.99, 0.01, 10), "flow")
+    process = process_from_scheduler(EulerDiscreteScheduler(**SD_SCHEDULE))
     with pytest.raises(ValueError, match="timesteps must lie"):
         process.alpha(torch.tensor([1000]), torch.zeros(1))
 
 
 def test_terminal_timestep_is_recoverable_on_the_teacher_schedule():
     # SD's scaled_linear schedule keeps √ᾱ_999 ≈ 0.068, so ε → x0 at t = T does not explode.
-    process = NoiseProcess.from_scheduler(DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"}))
+    process = process_from_scheduler(DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"}))
     assert 0.004 < process.alphas_cumprod[-1] < 0.006
 
 
@@ -66,18 +66,20 @@ def test_classifier_free_guidance():
 
 
 def test_uniform_timesteps_cover_the_range():
-    t = uniform_timesteps(10_000, 20, 979, torch.Generator().manual_seed(0))
+    process = process_from_scheduler(DDPMScheduler(**SD_SCHEDULE))
+    torch.manual_seed(0)
+    t = process.sample_timesteps(10_000, 20, 979)
     assert t.min() == 20 and t.max() == 979
     with pytest.raises(ValueError):
-        uniform_timesteps(1, 10, 5)
+        process.sample_timesteps(1, 10, 5)
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4])
 def test_few_step_sampler_equals_lcm_scheduler(num_steps):
     """Our student sampler and diffusers' LCMScheduler (exported config) agree on the same noise."""
     teacher_scheduler = DDPMScheduler(**SD_SCHEDULE)
-    process = NoiseProcess.from_scheduler(teacher_scheduler)
-    scheduler = student_scheduler(teacher_scheduler)
+    process = process_from_scheduler(teacher_scheduler)
+    scheduler = student_scheduler(teacher_scheduler, process)
     timesteps = student_timesteps(scheduler, num_steps)
 
     def eps_model(x_t, t):  # any deterministic ε-predictor will do

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stepdistill import export
+from stepdistill.diffusion import process_from_scheduler
 from stepdistill.models import networks
 from stepdistill.models.loading import load_pipeline
 
@@ -17,8 +18,8 @@ from export_checks import PROMPTS, diffusers_samples, perturbed_networks, traine
 @pytest.mark.parametrize("num_steps, first_timestep", [(1, None), (2, None), (1, 625), (2, 625)])
 def test_full_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, num_steps, first_timestep):
     teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=False)
-    scheduler = export.student_scheduler(teacher.pipeline.scheduler, first_timestep=first_timestep)
-    export.export_full(teacher.pipeline, nets.student.unet, tmp_path, num_steps, scheduler)
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process, first_timestep=first_timestep)
+    export.export_full(teacher.pipeline, nets.student.network, tmp_path, num_steps, scheduler)
     pipe = load_pipeline(tmp_path)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     metadata = json.loads((tmp_path / "stepdistill_student.json").read_text())
@@ -32,8 +33,9 @@ def test_full_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, num_s
 @pytest.mark.parametrize("num_steps", [1, 2])
 def test_lora_export_loads_with_load_lora_weights(tiny_pipeline_dir, tmp_path, num_steps):
     teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=True)
-    expected = trainer_samples(teacher, nets.student, export.student_scheduler(teacher.pipeline.scheduler), num_steps)
-    export.export_lora(teacher.pipeline, nets.student.unet, networks.STUDENT, tmp_path, num_steps)
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process)
+    expected = trainer_samples(teacher, nets.student, scheduler, num_steps)
+    export.export_lora(teacher.pipeline, nets.student.network, networks.STUDENT, tmp_path, num_steps, scheduler)
     assert (tmp_path / export.LORA_WEIGHTS).is_file()
     pipe = export.load_lora_student(tiny_pipeline_dir, tmp_path)
     torch.testing.assert_close(diffusers_samples(pipe, teacher, num_steps), expected, rtol=1e-5, atol=1e-5)
@@ -41,26 +43,27 @@ def test_lora_export_loads_with_load_lora_weights(tiny_pipeline_dir, tmp_path, n
 
 def test_lora_student_and_fake_score_share_one_unet(tiny_pipeline_dir):
     teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=True)
-    assert nets.student.unet is nets.fake_score.unet is nets.teacher.unet
+    assert nets.student.network is nets.fake_score.network is nets.teacher.network
     x_t = torch.randn((1, *teacher.latent_shape))
     t = torch.tensor([500])
-    text = teacher.encode_prompts(PROMPTS[:1])
+    condition = teacher.encode_prompts(PROMPTS[:1])
     with torch.no_grad():
-        student, fake, base = (d(x_t, t, text).x0 for d in (nets.student, nets.fake_score, nets.teacher))
+        student, fake, base = (d(x_t, t, condition).x0 for d in (nets.student, nets.fake_score, nets.teacher))
     # the fake-score adapter is untouched (B = 0), so it equals the teacher; the student differs
     torch.testing.assert_close(fake, base)
     assert not torch.allclose(student, base, atol=1e-4)
     # trainable sets are disjoint and the base weights are frozen
     student_ids = {id(p) for p in nets.generator_parameters()}
     assert not student_ids & {id(p) for p in nets.critic_parameters()}
-    frozen = [p for n, p in nets.teacher.unet.named_parameters() if "lora" not in n]
+    frozen = [p for n, p in nets.teacher.network.named_parameters() if "lora" not in n]
     assert frozen and not any(p.requires_grad for p in frozen)
 
 
 def test_student_timesteps():
     from diffusers import DDPMScheduler
 
-    scheduler = export.student_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    teacher = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = export.student_scheduler(teacher, process_from_scheduler(teacher))
     assert export.student_timesteps(scheduler, 1) == (999,)
     assert export.student_timesteps(scheduler, 4) == (999, 759, 499, 259)
     with pytest.raises(ValueError, match="≥ 1"):
@@ -71,16 +74,17 @@ def test_a_student_that_starts_below_the_last_timestep_keeps_the_teachers_noise_
     from diffusers import DDPMScheduler
 
     teacher = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    scheduler = export.student_scheduler(teacher, first_timestep=625)
+    process = process_from_scheduler(teacher)
+    scheduler = export.student_scheduler(teacher, process, first_timestep=625)
     assert export.student_timesteps(scheduler, 1) == (625,)
     assert export.student_timesteps(scheduler, 4) == (625, 469, 312, 156)
     torch.testing.assert_close(scheduler.alphas_cumprod, teacher.alphas_cumprod[:626], rtol=0, atol=0)
-    assert export.student_scheduler(teacher, first_timestep=999).config.num_train_timesteps == 1000
+    assert export.student_scheduler(teacher, process, first_timestep=999).config.num_train_timesteps == 1000
     zero_snr = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
-    truncated = export.student_scheduler(zero_snr, first_timestep=625)
+    truncated = export.student_scheduler(zero_snr, process_from_scheduler(zero_snr), first_timestep=625)
     torch.testing.assert_close(truncated.alphas_cumprod, zero_snr.alphas_cumprod[:626])  # not rescaled twice
     with pytest.raises(ValueError, match="first_timestep"):
-        export.student_scheduler(teacher, first_timestep=1000)
+        export.student_scheduler(teacher, process, first_timestep=1000)
 
 
 def test_lora_critic_update_trains_the_fake_score_adapter(tiny_pipeline_dir):
@@ -88,11 +92,11 @@ def test_lora_critic_update_trains_the_fake_score_adapter(tiny_pipeline_dir):
     teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=True)
     x_t = torch.randn((2, *teacher.latent_shape))
     t = torch.tensor([100, 700])
-    text = teacher.encode_prompts(PROMPTS)
-    student_x0 = nets.student(x_t, t, text).x0  # student graph first, then other adapters switch
-    fake_x0 = nets.fake_score(x_t, t, text).x0
+    condition = teacher.encode_prompts(PROMPTS)
+    student_x0 = nets.student(x_t, t, condition).x0  # student graph first, then other adapters switch
+    fake_x0 = nets.fake_score(x_t, t, condition).x0
     with torch.no_grad():
-        nets.teacher(x_t, t, text)
+        nets.teacher(x_t, t, condition)
     (student_x0.square().mean() + fake_x0.square().mean()).backward()
     assert all(p.grad is not None for p in nets.generator_parameters())
     # the fake-score adapter starts with B = 0, so only its B matrices have non-zero gradients yet

@@ -40,7 +40,9 @@ def generate(
 ) -> tuple[torch.Tensor, float]:
     """Images ``(N, 3, H, W)`` in [-1, 1] for ``prompts`` and the seconds the pipeline took.
 
-    Everything random comes from ``seed``: the initial latents and the scheduler's between-step noise.
+    Everything random comes from ``seed``: the initial latents and the scheduler's between-step noise
+    (drawn from ``generator``, or, by pipelines that do not pass it to the scheduler (SD3, Flux), from
+    torch's global generator, seeded here inside a forked RNG state).
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be ≥ 1 (got {num_inference_steps})")
@@ -49,17 +51,19 @@ def generate(
     size = {"height": resolution, "width": resolution} if resolution else {}
     generator = torch.Generator().manual_seed(seed)  # any noise the scheduler adds between steps (LCM re-noising)
     images, seconds = [], 0.0
-    for start in range(0, len(prompts), batch_size):
-        began = time.perf_counter()
-        batch = pipe(
-            prompt=prompts[start : start + batch_size],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            latents=latents[start : start + batch_size].to(pipe.device, backbone.network(pipe).dtype),
-            generator=generator,
-            **size,
-            output_type="pt",
-        ).images
-        seconds += time.perf_counter() - began
-        images.append(batch.float().cpu() * 2 - 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            began = time.perf_counter()
+            batch = pipe(
+                prompt=prompts[start : start + batch_size],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                latents=latents[start : start + batch_size].to(pipe.device, backbone.network(pipe).dtype),
+                generator=generator,
+                output_type="pt",
+                **size,
+            ).images
+            seconds += time.perf_counter() - began
+            images.append(batch.float().cpu() * 2 - 1)
     return torch.cat(images), seconds

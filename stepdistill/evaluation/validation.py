@@ -66,7 +66,7 @@ class StudentValidator:
             condition = conditioning.to(condition, device)
             latents = few_step_sample(
                 lambda x, t: self.student(x, t, condition).x0, noise.to(device), self.timesteps,
-                self.student.process, generator=generator,
+                self.student.process, generator=generator, draw_noise=self.teacher.backbone.draw_noise,
             )
             images.append(self.teacher.decode_latents(latents).cpu())
         return torch.cat(images)

@@ -120,7 +120,8 @@ class FakeScoreDistillation:
         if k > 0:
             with torch.no_grad():
                 noise = few_step_sample(
-                    lambda x, t: self._student_x0(x, t, batch.condition), noise, steps, self.process, stop_before=k
+                    lambda x, t: self._student_x0(x, t, batch.condition), noise, steps, self.process, stop_before=k,
+                    draw_noise=self.nets.student.backbone.draw_noise,
                 )
         t = torch.full((batch.size,), float(steps[k]), device=noise.device)
         step = torch.full((batch.size,), k, dtype=torch.long, device=noise.device) if self.per_step_fake_score else None

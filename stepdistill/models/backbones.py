@@ -23,6 +23,7 @@ from diffusers import (
     DiffusionPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
     StableDiffusionXLPipeline, UNet2DConditionModel,
 )
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from stepdistill.conditioning import Condition
@@ -73,14 +74,14 @@ class Backbone:
 
     def features(
         self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
-        class_labels: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The output of :attr:`feature_layer` as a map ``(B, C, h, w)``; the forward pass runs to its end."""
         captured: list[torch.Tensor] = []
         hook = network.get_submodule(self.feature_layer).register_forward_hook(
             lambda module, inputs, output: captured.append(output))
         try:
-            self(network, x_t, t, condition, class_labels=class_labels)
+            self(network, x_t, t, condition, guidance=guidance, class_labels=class_labels)
         finally:
             hook.remove()
         return self.feature_map(captured[0], x_t)
@@ -134,6 +135,10 @@ class Backbone:
     def from_pipeline_latents(self, latents: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
         """The inverse of :meth:`to_pipeline_latents`."""
         return latents
+
+    def draw_noise(self, shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+        """Standard normal ``(B, C, h, w)`` latents drawn in the layout the pipeline's scheduler draws them."""
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     def scheduler_sigmas(self, num_steps: int) -> np.ndarray | None:
         """The ``sigmas`` the pipeline passes to its scheduler's ``set_timesteps`` (None: it passes none)."""
@@ -326,6 +331,12 @@ class FluxBackbone(Backbone):
 
     def scheduler_sigmas(self, num_steps):
         return np.linspace(1.0, 1 / num_steps, num_steps)
+
+    def draw_noise(self, shape, generator=None, device=None, dtype=None):
+        """Drawn packed, as Flux's scheduler steps see the latents, then unpacked."""
+        b, c, h, w = shape
+        packed = randn_tensor((b, (h // 2) * (w // 2), c * 4), generator=generator, device=device, dtype=dtype)
+        return self.from_pipeline_latents(packed, (c, h, w))
 
     @torch.no_grad()
     def encode(self, pipeline, prompts, resolution):

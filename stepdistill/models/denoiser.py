@@ -125,9 +125,10 @@ class Denoiser(nn.Module):
         self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, step: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Features ``(B, C, h, w)`` of the backbone's feature layer (a UNet's mid block, a transformer's
-        middle joint block) for a discriminator head."""
+        middle joint block) for a discriminator head; a guidance input of the network's own gets 1."""
         select_adapter(self.network, self.adapter)
-        return self.backbone.features(self.network, x_t, t, condition, class_labels=step)
+        guidance = torch.ones(x_t.shape[0], device=x_t.device) if self.takes_guidance_input else None
+        return self.backbone.features(self.network, x_t, t, condition, guidance=guidance, class_labels=step)
 
 
 def guided(

@@ -17,12 +17,13 @@ from stepdistill.models.teacher import load_teacher
 
 def test_validator_matches_the_exported_pipeline_and_scores(tiny_pipeline_dir, tmp_path, digits_evaluator):
     teacher = load_teacher(str(tiny_pipeline_dir))
-    student = Denoiser(teacher.unet, teacher.process)  # an untrained student: the teacher's weights
-    timesteps = export.student_timesteps(export.student_scheduler(teacher.pipeline.scheduler), 2)
+    student = Denoiser(teacher.network, teacher.process)  # an untrained student: the teacher's weights
+    scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process)
+    timesteps = export.student_timesteps(scheduler, 2)
     prompts = digits.evaluation_prompts(20)
     validator = StudentValidator(teacher, student, timesteps, prompts, tmp_path, evaluator=digits_evaluator, seed=3)
 
-    export.export_full(teacher.pipeline, teacher.unet, tmp_path / "student", num_steps=2)
+    export.export_full(teacher.pipeline, teacher.network, tmp_path / "student", num_steps=2, scheduler=scheduler)
     exported = load_pipeline(tmp_path / "student")
     exported.set_progress_bar_config(disable=True)
     expected, _ = generate(exported, prompts, 2, 1.0, seed=3)

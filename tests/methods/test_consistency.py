@@ -13,7 +13,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 from torch import nn
 
-from stepdistill.diffusion import NoiseProcess, consistency_scalings, ddim_step
+from stepdistill import conditioning
+from stepdistill.diffusion import ddim_step, process_from_scheduler
 from stepdistill.methods.base import Batch
 from stepdistill.methods.consistency import (
     ConsistencyDenoiser,
@@ -32,7 +33,7 @@ def sd_scheduler(cls=DDPMScheduler, **kwargs):
     return cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **kwargs)
 
 
-PROCESS = NoiseProcess.from_scheduler(sd_scheduler())
+PROCESS = process_from_scheduler(sd_scheduler())
 
 
 def grid_index(t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -40,14 +41,15 @@ def grid_index(t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 class GaussianTeacher(nn.Module):
-    """The exact denoiser of N(MU, S²) data; ``text`` shifts the mean so conditional ≠ unconditional."""
+    """The exact denoiser of N(MU, S²) data; the condition's ``prompt_embeds`` shifts the mean so
+    conditional ≠ unconditional."""
 
     process = PROCESS
     takes_guidance_scale = False
 
-    def forward(self, x_t, t, text, embedded_guidance=None):
+    def forward(self, x_t, t, condition, embedded_guidance=None):
         alpha, sigma = PROCESS.alpha(t, x_t), PROCESS.sigma(t, x_t)
-        mu = MU + text.reshape(-1, *([1] * (x_t.ndim - 1)))
+        mu = MU + condition["prompt_embeds"].reshape(-1, *([1] * (x_t.ndim - 1)))
         x0 = mu + alpha * S**2 * (x_t - alpha * mu) / (alpha**2 * S**2 + sigma**2)
         return Prediction(x0=x0, eps=(x_t - alpha * x0) / sigma)
 
@@ -62,13 +64,13 @@ class ExactConsistencyStudent(nn.Module):
         super().__init__()
         self.teacher, self.grid, self.steps_per_segment = teacher, grid, steps_per_segment
 
-    def forward(self, x, t, text, embedded_guidance=None):
+    def forward(self, x, t, condition, embedded_guidance=None):
         outputs = []
-        for x_i, n, text_i in zip(x.split(1), grid_index(t, self.grid).tolist(), text.split(1)):
+        for x_i, n, condition_i in zip(x.split(1), grid_index(t, self.grid).tolist(), conditioning.split(condition, 1)):
             b = max(n - 1, 0) // self.steps_per_segment * self.steps_per_segment
             x_b = x_i
             for m in range(n, b, -1):  # the teacher's DDIM chain g_n → g_b
-                step = self.teacher(x_b, self.grid[m : m + 1], text_i)
+                step = self.teacher(x_b, self.grid[m : m + 1], condition_i)
                 x_b = ddim_step(step.x0, step.eps, self.grid[m - 1 : m], PROCESS)
             t_n = self.grid[n : n + 1]
             alpha_n, sigma_n = PROCESS.alpha(t_n, x_i), PROCESS.sigma(t_n, x_i)
@@ -86,8 +88,8 @@ class ExactConsistencyStudent(nn.Module):
 def gaussian_batch(size: int = 64, dim: int = 8, text: float = 0.0) -> Batch:
     generator = torch.Generator().manual_seed(0)
     x0 = MU + text + S * torch.randn(size, dim, dtype=torch.float64, generator=generator)
-    return Batch(text=torch.full((size, 1, 1), text, dtype=torch.float64),
-                 uncond=torch.zeros(size, 1, 1, dtype=torch.float64), real_latents=x0)
+    return Batch(condition={"prompt_embeds": torch.full((size, 1, 1), text, dtype=torch.float64)},
+                 unconditional={"prompt_embeds": torch.zeros(size, 1, 1, dtype=torch.float64)}, real_latents=x0)
 
 
 def method_on(student, **kwargs) -> ConsistencyDistillation:
@@ -97,7 +99,7 @@ def method_on(student, **kwargs) -> ConsistencyDistillation:
 # -- the solver step and the grid -----------------------------------------------------------------
 
 def test_grid_is_lcm_schedulers_and_ddims():
-    grid = solver_grid(1000, 20)
+    grid = solver_grid(PROCESS, 20)
     assert grid[:3].tolist() == [0, 19, 39] and grid[-1] == 999 and len(grid) == 51
     lcm = sd_scheduler(LCMScheduler)
     lcm.set_timesteps(50)
@@ -115,33 +117,34 @@ def test_teacher_step_is_diffusers_ddim_step(guidance_scale):
                        guidance_scale_max=guidance_scale)
     n = torch.arange(1, 51)
     x_t = torch.randn(50, 4, 3, 3, generator=torch.Generator().manual_seed(1))
-    batch = Batch(text=torch.full((50, 1, 1), 0.3), uncond=torch.zeros(50, 1, 1))
+    batch = Batch(condition={"prompt_embeds": torch.full((50, 1, 1), 0.3)},
+                  unconditional={"prompt_embeds": torch.zeros(50, 1, 1)})
     ours = method.teacher_step(x_t, method.grid[n], method.grid[n - 1], batch, torch.full((50,), guidance_scale))
 
     teacher = GaussianTeacher()
     for i, t in enumerate(method.grid[n].tolist()):
         x = x_t[i : i + 1]
-        conditional = teacher(x, torch.tensor([t]), batch.text[i : i + 1]).eps
-        unconditional = teacher(x, torch.tensor([t]), batch.uncond[i : i + 1]).eps
+        conditional = teacher(x, torch.tensor([t]), conditioning.select(batch.condition, slice(i, i + 1))).eps
+        unconditional = teacher(x, torch.tensor([t]), conditioning.select(batch.unconditional, slice(i, i + 1))).eps
         eps = unconditional + guidance_scale * (conditional - unconditional)
-        expected = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        expected = scheduler.step(eps, int(t), x, eta=0.0).prev_sample
         torch.testing.assert_close(ours[i : i + 1], expected, rtol=1e-5, atol=1e-5)
 
 
 # -- the boundary condition --------------------------------------------------------------------
 
 class ToyDenoiser(nn.Module):
-    """A small trainable ε-network behind the denoiser contract (``unet`` like the real one)."""
+    """A small trainable ε-network behind the denoiser contract (``network`` like the real one)."""
 
     process = PROCESS
     takes_guidance_scale = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.unet = nn.Linear(8, 8)
+        self.network = nn.Linear(8, 8)
 
-    def forward(self, x_t, t, text, embedded_guidance=None):
-        eps = self.unet(x_t) + 0.001 * t.reshape(-1, 1).float()
+    def forward(self, x_t, t, condition, embedded_guidance=None):
+        eps = self.network(x_t) + 0.001 * t.reshape(-1, 1).float()
         x0, eps = PROCESS.to_x0_eps(eps, x_t, t)
         return Prediction(x0=x0, eps=eps)
 
@@ -149,14 +152,14 @@ class ToyDenoiser(nn.Module):
 def test_boundary_condition_is_the_identity_at_zero():
     student = ConsistencyDenoiser(ToyDenoiser())
     x = torch.randn(16, 8)
-    f = student(x, torch.zeros(16, dtype=torch.long), torch.zeros(16, 1, 1)).x0
+    f = student(x, torch.zeros(16, dtype=torch.long), {"prompt_embeds": torch.zeros(16, 1, 1)}).x0
     assert torch.equal(f, x)
 
 
 def test_scalings_and_output_are_lcm_schedulers():
     lcm = sd_scheduler(LCMScheduler, timestep_scaling=10.0)
     for t in (0, 1, 19, 259, 999):
-        c_skip, c_out = consistency_scalings(torch.tensor([t]), 10.0, torch.zeros(1))
+        c_skip, c_out = PROCESS.consistency_scalings(torch.tensor([t]), 10.0, torch.zeros(1))
         expected_skip, expected_out = lcm.get_scalings_for_boundary_condition_discrete(t)
         assert c_skip.item() == pytest.approx(float(expected_skip), rel=1e-6)
         assert c_out.item() == pytest.approx(float(expected_out), rel=1e-6, abs=1e-12)
@@ -166,16 +169,16 @@ def test_scalings_and_output_are_lcm_schedulers():
     student = ConsistencyDenoiser(toy)
     x = torch.randn(1, 8)
     for t in lcm.timesteps.tolist():
-        eps = toy.unet(x) + 0.001 * t
+        eps = toy.network(x) + 0.001 * t
         denoised = lcm.step(eps, t, x, generator=torch.Generator().manual_seed(0)).denoised
-        torch.testing.assert_close(student(x, torch.tensor([t]), torch.zeros(1, 1, 1)).x0, denoised)
+        torch.testing.assert_close(student(x, torch.tensor([t]), {"prompt_embeds": torch.zeros(1, 1, 1)}).x0, denoised)
 
 
 # -- the loss at the fixed point -----------------------------------------------------------------
 
 @pytest.mark.parametrize("num_segments", [1, 2])
 def test_consistency_loss_vanishes_at_the_teachers_consistency_function(num_segments):
-    grid = solver_grid(1000, 250)  # 4 solver steps: 0, 249, 499, 749, 999
+    grid = solver_grid(PROCESS, 250)  # 4 solver steps: 0, 249, 499, 749, 999
     student = ExactConsistencyStudent(GaussianTeacher(), grid, segment_length(4, num_segments))
     method = method_on(student, skipping_interval=250, num_segments=num_segments, loss_type="l2",
                        guidance_scale_min=1.0, guidance_scale_max=1.0)
@@ -188,15 +191,15 @@ def test_consistency_loss_vanishes_at_the_teachers_consistency_function(num_segm
 
 
 def test_consistency_loss_is_positive_away_from_the_fixed_point():
-    grid = solver_grid(1000, 250)
+    grid = solver_grid(PROCESS, 250)
     exact = ExactConsistencyStudent(GaussianTeacher(), grid, 4)
 
     class Perturbed(nn.Module):
         process = PROCESS
         takes_guidance_scale = False
 
-        def forward(self, x, t, text, embedded_guidance=None):
-            prediction = exact(x, t, text)
+        def forward(self, x, t, condition, embedded_guidance=None):
+            prediction = exact(x, t, condition)
             f = prediction.x0 + 0.05 * (t > 0).reshape(-1, 1)  # the boundary condition still holds
             return Prediction(x0=f, eps=(x - PROCESS.alpha(t, f) * f) / PROCESS.sigma(t, f))
 
@@ -214,7 +217,8 @@ def grad_enabled_calls(module: nn.Module) -> list[bool]:
 
 
 def toy_batch() -> Batch:
-    return Batch(text=torch.zeros(4, 1, 1), uncond=torch.zeros(4, 1, 1), real_latents=torch.randn(4, 8))
+    return Batch(condition={"prompt_embeds": torch.zeros(4, 1, 1)}, unconditional={"prompt_embeds": torch.zeros(4, 1, 1)},
+                 real_latents=torch.randn(4, 8))
 
 
 def test_stop_gradient_target_runs_without_gradient():
@@ -222,7 +226,7 @@ def test_stop_gradient_target_runs_without_gradient():
     method = ConsistencyDistillation(teacher=ToyDenoiser().requires_grad_(False), student=student, process=PROCESS,
                                      guidance_scale_min=2.0, guidance_scale_max=3.0)
     assert method.target is student
-    calls = grad_enabled_calls(student.denoiser.unet)
+    calls = grad_enabled_calls(student.denoiser.network)
     loss = method.generator_loss(toy_batch())["loss"]
     assert calls == [False, True]  # the target at t_prev without gradient, then the student with it
     loss.backward()
@@ -273,4 +277,5 @@ def test_bad_settings_are_refused(kwargs, message):
 def test_batch_without_images_is_refused():
     method = method_on(ConsistencyDenoiser(ToyDenoiser()))
     with pytest.raises(ValueError, match="needs real_latents"):
-        method.generator_loss(Batch(text=torch.zeros(2, 1, 1), uncond=torch.zeros(2, 1, 1)))
+        method.generator_loss(Batch(condition={"prompt_embeds": torch.zeros(2, 1, 1)},
+                                    unconditional={"prompt_embeds": torch.zeros(2, 1, 1)}))

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from stepdistill.diffusion import NoiseProcess
+from stepdistill.diffusion import VPProcess
 from stepdistill.methods.dmd import dmd_gradient, dmd_surrogate_loss
 from stepdistill.methods.fake_score import denoising_loss, gan_critic_loss, gan_generator_loss
 
@@ -133,7 +133,7 @@ def test_gan_losses_have_the_right_signs():
 
 def test_noise_process_is_what_dmd_assumes():
     # DMD diffuses with x_t = α_t x + σ_t ε, α² + σ² = 1 on the teacher's schedule.
-    process = NoiseProcess(torch.linspace(0.999, 0.01, 1000), "epsilon")
+    process = VPProcess(torch.linspace(0.999, 0.01, 1000), "epsilon")
     t = torch.tensor([0, 500, 999])
     x = torch.ones(3, 1)
     total = process.alpha(t, x) ** 2 + process.sigma(t, x) ** 2

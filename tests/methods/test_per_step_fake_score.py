@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from stepdistill.diffusion import NoiseProcess
+from stepdistill.diffusion import process_from_scheduler
 from stepdistill.methods import DMD2, SiD
 from stepdistill.methods.base import Batch
 from stepdistill.models import networks
@@ -16,7 +16,7 @@ STEPS = (999, 499)
 
 
 def build(tiny_pipeline, **options):
-    process = NoiseProcess.from_scheduler(tiny_pipeline.scheduler)
+    process = process_from_scheduler(tiny_pipeline.scheduler)
     return networks.build_networks(copy.deepcopy(tiny_pipeline.unet), process, **options), process
 
 
@@ -25,19 +25,19 @@ def inputs(tiny_pipeline, batch_size=2):
     generator = torch.Generator().manual_seed(0)
     x_t = torch.randn(batch_size, 4, size, size, generator=generator)
     text = torch.randn(batch_size, 77, tiny_pipeline.text_encoder.config.hidden_size, generator=generator)
-    return x_t, torch.tensor([100, 700][:batch_size]), text
+    return x_t, torch.tensor([100, 700][:batch_size]), {"prompt_embeds": text}
 
 
 def test_it_starts_as_the_teacher_and_a_learned_row_changes_only_its_step(tiny_pipeline):
     nets, _ = build(tiny_pipeline, fake_score_steps=2)
     x_t, t, text = inputs(tiny_pipeline)
-    uncond = torch.zeros_like(text)
+    uncond = {"prompt_embeds": torch.zeros_like(text["prompt_embeds"])}
     with torch.no_grad():
         teacher = nets.teacher(x_t, t, text, uncond, 1.5).x0
         for k in (0, 1):
             step = torch.full((2,), k)
             torch.testing.assert_close(nets.fake_score(x_t, t, text, uncond, 1.5, step=step).x0, teacher)
-        nets.fake_score.unet.class_embedding.table.weight[1].normal_()
+        nets.fake_score.network.class_embedding.table.weight[1].normal_()
         step_0 = nets.fake_score(x_t, t, text, step=torch.zeros(2, dtype=torch.long)).x0
         step_1 = nets.fake_score(x_t, t, text, step=torch.ones(2, dtype=torch.long)).x0
         torch.testing.assert_close(step_0, nets.teacher(x_t, t, text).x0)  # row 0 still zero
@@ -49,10 +49,10 @@ def test_the_critic_update_reaches_only_the_drawn_steps_row(tiny_pipeline):
     size = tiny_pipeline.unet.config.sample_size
     method = SiD(nets=nets, process=process, student_timesteps=STEPS, latent_shape=(4, size, size))
     assert method.per_step_fake_score
-    table = nets.fake_score.unet.class_embedding.table.weight
+    table = nets.fake_score.network.class_embedding.table.weight
     assert any(p is table for p in nets.critic_parameters())  # the critic's optimiser trains it
     _, _, text = inputs(tiny_pipeline)
-    batch = Batch(text=text, uncond=torch.zeros_like(text))
+    batch = Batch(condition=text, unconditional={"prompt_embeds": torch.zeros_like(text["prompt_embeds"])})
     for seed in (0, 1, 2, 3):
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -73,7 +73,7 @@ def test_the_student_loss_runs_with_guidance_and_the_gan_term(tiny_pipeline, met
     method = method_class(nets=nets, process=process, student_timesteps=STEPS, latent_shape=(4, size, size),
                           gan_generator_weight=0.1, **guidance)
     _, _, text = inputs(tiny_pipeline)
-    losses = method.generator_loss(Batch(text=text, uncond=torch.zeros_like(text)))
+    losses = method.generator_loss(Batch(condition=text, unconditional={"prompt_embeds": torch.zeros_like(text["prompt_embeds"])}))
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"]) and "gan_generator" in losses
     assert sum(p.grad.abs().sum() for p in nets.generator_parameters() if p.grad is not None) > 0

@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from stepdistill.diffusion import NoiseProcess
+from stepdistill.diffusion import process_from_scheduler
 from stepdistill.methods.base import Batch
 from stepdistill.methods.sid import SiD, sid_loss
 from stepdistill.models import networks
@@ -111,22 +111,23 @@ def test_normaliser_is_the_per_sample_mean_abs_gap_without_gradient():
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_the_student_loss_reaches_the_student_through_both_denoisers_and_not_the_teacher(tiny_pipeline, use_lora):
     unet = copy.deepcopy(tiny_pipeline.unet)
-    process = NoiseProcess.from_scheduler(tiny_pipeline.scheduler)
+    process = process_from_scheduler(tiny_pipeline.scheduler)
     nets = networks.build_networks(unet, process, use_lora=use_lora, lora_rank=4)
     size = tiny_pipeline.unet.config.sample_size
     method = SiD(nets=nets, process=process, student_timesteps=(999,), latent_shape=(4, size, size),
                  teacher_guidance_scale=1.5)
     text = torch.randn(2, 77, tiny_pipeline.text_encoder.config.hidden_size)
-    method.generator_loss(Batch(text=text, uncond=torch.zeros_like(text)))["loss"].backward()
+    method.generator_loss(Batch(condition={"prompt_embeds": text},
+                                unconditional={"prompt_embeds": torch.zeros_like(text)}))["loss"].backward()
     student = nets.generator_parameters()
     assert all(p.grad is not None for p in student) and sum(p.grad.abs().sum() for p in student) > 0
     trained = {id(p) for p in student + nets.critic_parameters()}
-    frozen = [p for p in nets.teacher.unet.parameters() if id(p) not in trained]
+    frozen = [p for p in nets.teacher.network.parameters() if id(p) not in trained]
     assert frozen and all(p.grad is None for p in frozen)  # the teacher's own weights get nothing
 
 
 def test_sid_refuses_bad_settings(tiny_pipeline):
-    process = NoiseProcess.from_scheduler(tiny_pipeline.scheduler)
+    process = process_from_scheduler(tiny_pipeline.scheduler)
     nets = networks.build_networks(copy.deepcopy(tiny_pipeline.unet), process)
     with pytest.raises(ValueError, match="alpha"):
         SiD(nets=nets, process=process, student_timesteps=(999,), latent_shape=(4, 16, 16), alpha=-1)

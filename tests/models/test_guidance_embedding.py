@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from stepdistill.diffusion import NoiseProcess
+from stepdistill.diffusion import process_from_scheduler
 from stepdistill.models.denoiser import Denoiser
 from stepdistill.models.guidance_embedding import guidance_scale_embedding, with_guidance_embedding
 
@@ -22,13 +22,13 @@ def test_embedding_is_the_one_diffusers_pipelines_pass(dim):
 
 def test_the_embedded_student_starts_as_the_teacher_at_every_scale(tiny_pipeline):
     teacher_unet = copy.deepcopy(tiny_pipeline.unet)
-    process = NoiseProcess.from_scheduler(tiny_pipeline.scheduler)
+    process = process_from_scheduler(tiny_pipeline.scheduler)
     teacher, student = Denoiser(teacher_unet, process), Denoiser(with_guidance_embedding(teacher_unet, 32), process)
     assert student.takes_guidance_scale and not teacher.takes_guidance_scale
     generator = torch.Generator().manual_seed(0)
     x_t = torch.randn(3, 4, 16, 16, generator=generator)
     t = torch.tensor([999, 500, 20])
-    text = torch.randn(3, 77, tiny_pipeline.text_encoder.config.hidden_size, generator=generator)
+    text = {"prompt_embeds": torch.randn(3, 77, tiny_pipeline.text_encoder.config.hidden_size, generator=generator)}
     with torch.no_grad():
         expected = teacher(x_t, t, text).x0
         for w in (1.0, 4.0):
@@ -38,4 +38,4 @@ def test_the_embedded_student_starts_as_the_teacher_at_every_scale(tiny_pipeline
     with pytest.raises(ValueError, match="only such a UNet takes it"):
         teacher(x_t, t, text, embedded_guidance=torch.ones(3))
     with pytest.raises(ValueError, match="already takes"):
-        with_guidance_embedding(student.unet)
+        with_guidance_embedding(student.network)

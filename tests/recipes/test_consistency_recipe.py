@@ -53,8 +53,8 @@ def test_full_weights_with_ema_target_checkpoint_and_resume(consistency, tiny_pi
     student, target = load_file(str(checkpoint / "model.safetensors")), load_file(str(checkpoint / "model_1.safetensors"))
     teacher = load_pipeline(tiny_pipeline_dir).unet.state_dict()
     name = "conv_in.weight"
-    assert not (target[f"denoiser.unet.{name}"] == teacher[name]).all()
-    assert not (target[f"denoiser.unet.{name}"] == student[name]).all()
+    assert not (target[f"denoiser.network.{name}"] == teacher[name]).all()
+    assert not (target[f"denoiser.network.{name}"] == student[name]).all()
     resumed = smoke_config(consistency, tiny_pipeline_dir, tmp_path, use_lora=False, target_ema_decay=0.5,
                            max_train_steps=3, resume_from_checkpoint="latest", eval_num_samples=0)
     consistency.main(resumed)
