@@ -7,9 +7,10 @@
         --learning_rate 1e-5 --mixed_precision bf16
 
 Paper: "Improved Distribution Matching Distillation for Fast Image Synthesis" (Yin et al., 2024).
-The student reads pure noise as the noisy sample of timestep t0 (``--conditioning_timestep``: 625 by
-default, SiD's choice, where x0 = (x − σ ε̂) / α amplifies the student's ε̂ 2.7× rather than 14.6× at
-DMD2's 999; on the digits teacher, FD-digits 0.214 instead of 0.311 after the default 200 steps).
+On a DDPM-family teacher the student reads pure noise as the noisy sample of timestep t0
+(``--conditioning_timestep``: 625 by default, SiD's choice, where x0 = (x − σ ε̂) / α amplifies the
+student's ε̂ 2.7× rather than 14.6× at DMD2's 999); on a flow teacher it starts at σ = 1, where
+x0 = x − σ v̂ divides by nothing.
 Each training step (Alg. 1 of DMD2, the math lives in ``stepdistill.methods.dmd``):
 
     1. k critic updates (TTUR): the fake score learns the student's current distribution by
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from stepdistill import conditioning, export, methods, run
-from stepdistill.config import ConfigError, field
+from stepdistill.config import field
 from stepdistill.models import networks
 from stepdistill.models.teacher import Teacher
 
@@ -38,20 +39,18 @@ class DMD2Config(run.FakeScoreConfig):
     """Distil a text-to-image diffusion model with DMD2 (distribution matching + GAN + TTUR)."""
 
     output_dir: str = field("outputs/dmd2", "where checkpoints, the student and report.json go")
-    max_train_steps: int = field(200, "student (generator) updates")
-    learning_rate: float = field(3e-5, "student AdamW learning rate")
-    critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR; DMD2 uses 5-10)")
-    gan_generator_weight: float = field(3e-3, "weight of the GAN term in the student loss (0: off; needs real images)")
-    gan_critic_weight: float = field(1e-2, "weight of the GAN term in the critic loss (0: off; needs real images)")
-    regression_weight: float = field(0.0, "DMD1 regression loss weight (latent MSE to teacher ODE outputs; 0: off)")
-    num_regression_pairs: int = field(256, "noise/teacher-output pairs made at start when regression_weight > 0")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.num_regression_pairs < 1:
-            raise ConfigError(f"--num_regression_pairs must be ≥ 1 (got {self.num_regression_pairs})")
-        if self.regression_weight < 0:
-            raise ConfigError(f"--regression_weight must be ≥ 0 (got {self.regression_weight})")
+    max_train_steps: int = field(200, "student (generator) updates", at_least=1)
+    learning_rate: float = field(3e-5, "student AdamW learning rate", greater_than=0)
+    critic_steps_per_generator_step: int = field(5, "fake-score updates per student update (TTUR; DMD2 uses 5-10)",
+                                                 at_least=1)
+    gan_generator_weight: float = field(3e-3, "weight of the GAN term in the student loss (0: off; needs real images)",
+                                        at_least=0)
+    gan_critic_weight: float = field(1e-2, "weight of the GAN term in the critic loss (0: off; needs real images)",
+                                     at_least=0)
+    regression_weight: float = field(0.0, "DMD1 regression loss weight (latent MSE to teacher ODE outputs; 0: off)",
+                                     at_least=0)
+    num_regression_pairs: int = field(256, "noise/teacher-output pairs made at start when regression_weight > 0",
+                                      at_least=1)
 
 
 def regression_pairs(teacher: Teacher, prompts: list[str], cfg: DMD2Config):
@@ -86,7 +85,7 @@ def main(cfg: DMD2Config) -> None:
     run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: DMD2's losses on the student's timesteps, read off the exported scheduler
-    scheduler = cfg.student_scheduler(teacher)
+    scheduler = run.student_scheduler(cfg, teacher)
     method = methods.DMD2(
         nets=nets,
         process=teacher.process,

@@ -25,8 +25,7 @@ Distillation". Each training step (the math lives in ``stepdistill.methods.sid``
 The default guidance is 1.25, not the 1.5 at which the digits teacher's DDIM samples score best: SiD
 matches the distribution the guided scores describe, and an ancestral sampler shows that one is best at
 1.25 (README, "Which guidance scale to distil"). A few-step student sharpens its samples on its own, so
-it does best distilling the unguided teacher (``--guidance_scale 1``: 4-step FD-digits 0.129 against 0.156
-at 1.25). No real images are needed; a GAN weight adds few-step SiD's diffusion-GAN term on real images
+it does best distilling the unguided teacher (``--guidance_scale 1``; README, Results). No real images are needed; a GAN weight adds few-step SiD's diffusion-GAN term on real images
 (``--train_data_dir``; the digits' train split for the shipped teacher). Zero-CFG is ``--guidance_scale 1 --fake_guidance_scale 0 --fake_guidance_scale_generator 0``
 (an unguided teacher, a text-free fake score); Anti-CFG gives the fake score a negative scale in the
 student's loss. The student is exported for plain diffusers like every other recipe's, and scored.
@@ -37,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stepdistill import export, methods, run
-from stepdistill.config import ConfigError, field
+from stepdistill.config import field
 from stepdistill.models import networks
 
 
@@ -46,23 +45,19 @@ class SiDConfig(run.FakeScoreConfig):
     """Distil a text-to-image diffusion model with Score identity Distillation (SiD, SiD-LSG, few-step SiD)."""
 
     output_dir: str = field("outputs/sid", "where checkpoints, the student and report.json go")
-    max_train_steps: int = field(400, "student updates")
-    learning_rate: float = field(3e-5, "student AdamW learning rate")
+    max_train_steps: int = field(400, "student updates", at_least=1)
+    learning_rate: float = field(3e-5, "student AdamW learning rate", greater_than=0)
     guidance_scale: float = field(1.25, "the teacher's CFG scale in the student loss (1.25: where the digits teacher's "
-                                        "guided scores describe its best distribution)")
-    critic_steps_per_generator_step: int = field(3, "fake-score updates per student update (the paper's 1 lags here)")
-    ema_decay: float = field(0.98, "EMA of the student weights that get exported (0: off)")
-    alpha: float = field(methods.sid.SID_ALPHA, "SiD's α: weight of −‖f_teacher − f_fake‖² in the student loss")
+                                        "guided scores describe its best distribution)", at_least=0)
+    critic_steps_per_generator_step: int = field(3, "fake-score updates per student update (the paper's 1 lags here)",
+                                                 at_least=1)
+    ema_decay: float = field(0.98, "EMA of the student weights that get exported (0: off)", at_least=0, below=1)
+    alpha: float = field(methods.sid.SID_ALPHA, "SiD's α: weight of −‖f_teacher − f_fake‖² in the student loss",
+                         at_least=0)
     fake_guidance_scale: float | None = field(None, "the fake score's CFG scale while it is trained (0: text-free; "
-                                                    "default: --guidance_scale, as SiD-LSG)")
+                                                    "default: --guidance_scale, as SiD-LSG)", at_least=0)
     fake_guidance_scale_generator: float | None = field(None, "the fake score's CFG scale in the student loss "
                                                               "(< 0: Anti-CFG; default: --guidance_scale)")
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("alpha", "fake_guidance_scale"):
-            if (getattr(self, name) or 0) < 0:
-                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
 
 
 def main(cfg: SiDConfig) -> None:
@@ -78,7 +73,7 @@ def main(cfg: SiDConfig) -> None:
     run.enable_gradient_checkpointing(cfg, nets)
 
     # 3. the method: SiD's loss on the student's timesteps, read off the exported scheduler
-    scheduler = cfg.student_scheduler(teacher)
+    scheduler = run.student_scheduler(cfg, teacher)
     method = methods.SiD(
         nets=nets,
         process=teacher.process,

@@ -1,6 +1,8 @@
 """One config system for every recipe: a typed dataclass is the schema, the CLI and YAML fill it.
 
-Each field becomes ``--field_name``; the field's ``help`` metadata is its help text. ``--config
+Each field becomes ``--field_name``; the field's ``help`` metadata is its help text, and its declared
+range (``field(1, "...", at_least=1)``, ``greater_than``, ``below``, ``choices``) is shown there and
+checked by :func:`check_ranges` before ``validate()``. ``--config
 run.yaml`` loads values first and flags given on the command line override them. Unknown flags and
 unknown YAML keys are errors, and ``validate()`` on the dataclass (when it has one) runs before any
 model is loaded, so a bad value fails in the first second with a message that names the flag.
@@ -25,11 +27,50 @@ class ConfigError(ValueError):
     """A flag or config value that cannot work; the message says what to change."""
 
 
-def field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its help text (shown by ``--help``)."""
+def field(
+    default: Any, help: str, *, at_least: float | None = None, greater_than: float | None = None,
+    below: float | None = None, choices: tuple | None = None, **kwargs: Any,
+) -> Any:
+    """A dataclass field with its help text and its allowed values (both shown by ``--help``): ``x ≥ at_least``,
+    ``x > greater_than``, ``x < below``, ``x in choices`` (``None`` passes every range of an optional field)."""
+    rules = {key: value for key, value in (("at_least", at_least), ("greater_than", greater_than), ("below", below),
+                                           ("choices", choices)) if value is not None}
+    metadata = {"help": help, "rules": rules}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _rules_text(rules: dict) -> str:
+    parts = []
+    if "at_least" in rules and "below" in rules:
+        parts.append(f"in [{rules['at_least']}, {rules['below']})")
+    elif "at_least" in rules:
+        parts.append(f"≥ {rules['at_least']}")
+    if "greater_than" in rules:
+        parts.append(f"> {rules['greater_than']}")
+    if "below" in rules and "at_least" not in rules:
+        parts.append(f"< {rules['below']}")
+    if "choices" in rules:
+        parts.append("one of " + ", ".join(str(c) for c in rules["choices"]))
+    return " and ".join(parts)
+
+
+def check_ranges(config: Any) -> None:
+    """Raise :class:`ConfigError` naming the first flag whose value breaks its declared range."""
+    for f in dataclasses.fields(config):
+        rules, value = f.metadata.get("rules", {}), getattr(config, f.name)
+        if value is None or not rules:
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        broken = any(
+            ("at_least" in rules and v < rules["at_least"]) or ("greater_than" in rules and not v > rules["greater_than"])
+            or ("below" in rules and not v < rules["below"]) or ("choices" in rules and v not in rules["choices"])
+            for v in values
+        )
+        if broken:
+            shown = repr(value) if isinstance(value, str) else value
+            raise ConfigError(f"--{f.name} must be {_rules_text(rules)} (got {shown})")
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
@@ -113,7 +154,8 @@ def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None =
             type=_converter(kind, optional),
             default=argparse.SUPPRESS,
             metavar=_type_name(kind),
-            help=f"{f.metadata.get('help', '')} (default: {default})",
+            help=f"{f.metadata.get('help', '')} (default: {default}"
+                 + (f"; {_rules_text(f.metadata['rules'])})" if f.metadata.get("rules") else ")"),
         )
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values: dict[str, Any] = {}
@@ -123,14 +165,12 @@ def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None =
     values.update(args)
     try:
         config = config_cls(**values)
+        check_ranges(config)
+        validate = getattr(config, "validate", None)
+        if validate is not None:
+            validate()
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
-    validate = getattr(config, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ConfigError as error:
-            parser.exit(2, f"error: {error}\n")
     return config
 
 

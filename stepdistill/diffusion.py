@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 
 VP_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
@@ -332,6 +333,21 @@ def process_from_scheduler(
 def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
     """CFG (Ho & Salimans 2022): unconditional + w (conditional − unconditional); w = 1 is the conditional model."""
     return unconditional + scale * (conditional - unconditional)
+
+
+def guidance_scale_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding of guidance scales ``(B,)`` → ``(B, dim)`` that w-conditioned students take
+    (LCM §4.1), as diffusers' pipelines compute it (w = 1 is unguided):
+
+        e(w)_i = sin((w − 1)·1000·f_i),  e(w)_{d/2+i} = cos((w − 1)·1000·f_i),  f_i = 10000^(−i / (d/2 − 1))
+    """
+    if guidance_scale.ndim != 1:
+        raise ValueError(f"guidance_scale must have shape (B,) (got {tuple(guidance_scale.shape)})")
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))
+    angles = ((guidance_scale.float() - 1) * 1000.0)[:, None] * frequencies.to(guidance_scale.device)[None, :]
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return nn.functional.pad(embedding, (0, dim % 2))
 
 
 def ddim_step(x0: torch.Tensor, eps: torch.Tensor, t_next: torch.Tensor, process: NoiseProcess) -> torch.Tensor:

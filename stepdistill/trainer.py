@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +33,13 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
 from diffusers.optimization import get_scheduler
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from stepdistill import checkpoints
+from stepdistill.checkpoints import EMA_WEIGHTS, TRAINER_STATE
 from stepdistill.config import ConfigError
+from stepdistill.ema import EMA
 from stepdistill.methods.base import Batch, Losses, Method
 
 logger = get_logger(__name__)
@@ -46,11 +47,6 @@ logger = get_logger(__name__)
 
 class DivergedError(RuntimeError):
     """Raised when updates keep producing non-finite losses: the run has diverged."""
-
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE, EMA_WEIGHTS = "trainer_state.json", "ema.safetensors"
-CHECKPOINT_MANIFEST = "stepdistill_checkpoint.json"  # written last: the names and sizes of a checkpoint's files
 
 
 @dataclass
@@ -76,46 +72,6 @@ class TrainerConfig:
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str | None = None
     seed: int = 0
-
-
-class EMA:
-    """Exponential moving average of parameters, θ_ema ← d θ_ema + (1 − d) θ."""
-
-    def __init__(self, parameters: list[nn.Parameter], decay: float) -> None:
-        self.parameters = parameters
-        self.decay = decay
-        self.shadow = [p.detach().clone().float() for p in parameters]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for shadow, param in zip(self.shadow, self.parameters):
-            shadow.lerp_(param.detach().float(), 1 - self.decay)
-
-    @torch.no_grad()
-    def copy_to_parameters(self) -> None:
-        for shadow, param in zip(self.shadow, self.parameters):
-            param.copy_(shadow.to(param.dtype))
-
-    @contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        """Run a block with the averaged weights in place of the live ones, then put the live ones back."""
-        live = [p.detach().clone() for p in self.parameters]
-        self.copy_to_parameters()
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for saved, param in zip(live, self.parameters):
-                    param.copy_(saved)
-
-    def save(self, path: Path) -> None:
-        save_file({str(i): shadow.contiguous() for i, shadow in enumerate(self.shadow)}, str(path))
-
-    def load(self, path: Path) -> None:
-        tensors = load_file(str(path))
-        if len(tensors) != len(self.shadow):
-            raise ConfigError(f"{path} holds {len(tensors)} EMA tensors, this run has {len(self.shadow)}")
-        self.shadow = [tensors[str(i)].to(p.device) for i, p in enumerate(self.parameters)]
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -206,58 +162,6 @@ def set_cpu_threads(accelerator: Accelerator, num_threads: int = 0) -> None:
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete ``checkpoint-N`` folders of a run, oldest first (``.partial`` ones are not listed)."""
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()]
-    return sorted(folders, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete checkpoint (no manifest, a file missing or of the wrong size), or None."""
-    manifest = folder / CHECKPOINT_MANIFEST
-    if not manifest.is_file():
-        return f"it has no {CHECKPOINT_MANIFEST} (not written by stepdistill, or cut short)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return f"its {CHECKPOINT_MANIFEST} is unreadable"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated or overwritten)"
-    return None
-
-
-def find_checkpoint(output_dir: str | Path, request: str) -> Path:
-    """Resolve ``--resume_from_checkpoint`` to a complete checkpoint folder.
-
-    ``latest`` takes the newest complete checkpoint and warns about newer damaged ones it passes
-    over; an explicit path must itself be complete. Raises :class:`ConfigError` otherwise.
-    """
-    if request == "latest":
-        folders = list_checkpoints(output_dir)
-        if not folders:
-            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
-        for folder in reversed(folders):
-            problem = checkpoint_problem(folder)
-            if problem is None:
-                return folder
-            logger.warning(f"skipping damaged checkpoint {folder}: {problem}", main_process_only=True)
-        raise ConfigError(f"--resume_from_checkpoint latest: every checkpoint in {output_dir} is damaged")
-    path = Path(request)
-    if not path.is_dir():
-        raise ConfigError(f"--resume_from_checkpoint {request}: no such checkpoint folder")
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ConfigError(
-            f"--resume_from_checkpoint {request} is damaged: {problem}; give an older checkpoint or 'latest' "
-            "(which passes over damaged ones)"
-        )
-    return path
-
-
 class Trainer:
     """Drive ``method`` over ``next_batch()`` with a generator optimiser and a critic optimiser."""
 
@@ -338,11 +242,11 @@ class Trainer:
         step = self.progress.step + 1  # the step being computed, numbered as in train_log.jsonl
         logger.warning(f"non-finite {role} loss at step {step}; update skipped", main_process_only=True)
         if self.progress.consecutive_skips[role] >= self.cfg.max_consecutive_skips:
-            checkpoints = list_checkpoints(self.cfg.output_dir)
+            saved = checkpoints.list_checkpoints(self.cfg.output_dir)
             raise DivergedError(
                 f"{self.progress.consecutive_skips[role]} {role} updates in a row had a non-finite loss (step {step}): "
-                "the run has diverged. Lower --learning_rate or --max_grad_norm and resume "
-                + (f"from the last good checkpoint, {checkpoints[-1]}" if checkpoints else "(no checkpoint was saved)")
+                "the run has diverged; the last good checkpoint is "
+                + (str(saved[-1]) if saved else "none (no checkpoint was saved)")
             )
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
@@ -365,19 +269,13 @@ class Trainer:
             (partial / TRAINER_STATE).write_text(json.dumps({"progress": self.progress.state_dict(), "lr_schedulers": schedulers}))
             if self.ema is not None:
                 self.ema.save(partial / EMA_WEIGHTS)
-            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-            (partial / CHECKPOINT_MANIFEST).write_text(json.dumps({"step": self.progress.step, "files": files}, indent=1))
+            checkpoints.write_manifest(partial, self.progress.step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            self._prune_checkpoints()
+            checkpoints.prune(self.cfg.output_dir, self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return final
-
-    def _prune_checkpoints(self) -> None:
-        folders = list_checkpoints(self.cfg.output_dir)
-        for old in folders[: max(0, len(folders) - self.cfg.checkpoints_total_limit)]:
-            shutil.rmtree(old)
 
     def _log(self, record: dict) -> None:
         """Append to ``train_log.jsonl`` and send to accelerate's trackers (if any were initialised)."""
@@ -407,30 +305,24 @@ class Trainer:
         ema = sum(4 * p.numel() for p in self.generator_parameters) if self.ema is not None else 0
         return weights + moments + ema
 
-    def _require_disk_space(self) -> None:
-        """Refuse to start a checkpointing run whose disk cannot hold two checkpoints (one being written)."""
-        needed, free = 2 * self.checkpoint_bytes(), shutil.disk_usage(self.cfg.output_dir).free
-        if self.cfg.checkpointing_steps and free < needed:
-            raise ConfigError(
-                f"--output_dir {self.cfg.output_dir} has {free / 1e9:.2f} GB free but checkpoints need about "
-                f"{needed / 1e9:.2f} GB (two, while one is written); free space, choose another disk, or set "
-                "--checkpointing_steps 0"
-            )
-
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> Progress:
         cfg = self.cfg
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        self._require_disk_space()
+        if cfg.checkpointing_steps:
+            checkpoints.require_disk_space(cfg.output_dir, self.checkpoint_bytes())
         if cfg.resume_from_checkpoint:
-            checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+            checkpoint = checkpoints.find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
             self.accelerator.load_state(str(checkpoint))
             state = json.loads((checkpoint / TRAINER_STATE).read_text())
             self.progress.load_state_dict(state["progress"])
             for role, scheduler in self.lr_schedulers.items():
                 scheduler.load_state_dict(state["lr_schedulers"][role])
             if self.ema is not None:
-                self.ema.load(checkpoint / EMA_WEIGHTS)
+                try:
+                    self.ema.load(checkpoint / EMA_WEIGHTS)
+                except ValueError as error:
+                    raise checkpoints.CheckpointError(str(error)) from None
             logger.info(f"resumed from {checkpoint} at step {self.progress.step}", main_process_only=True)
             self._truncate_log()
         critic_steps = getattr(self.method, "critic_steps_per_generator_step", 1) if self.critic_optimizer else 0

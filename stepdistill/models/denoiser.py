@@ -16,9 +16,8 @@ from torch import nn
 
 from stepdistill import conditioning
 from stepdistill.conditioning import Condition
-from stepdistill.diffusion import NoiseProcess, classifier_free_guidance
+from stepdistill.diffusion import NoiseProcess, classifier_free_guidance, guidance_scale_embedding
 from stepdistill.models.backbones import adapter_for
-from stepdistill.models.guidance_embedding import guidance_scale_embedding
 
 
 def select_adapter(network: nn.Module, adapter: str | None) -> None:

@@ -3,17 +3,13 @@
 The UNet's timestep embedding gets a second summand, a linear map of a sinusoidal embedding of the
 guidance scale: diffusers' ``UNet2DConditionModel(time_cond_proj_dim=d)`` adds ``cond_proj(e(w))``
 to the time embedding, and its Stable Diffusion pipelines then skip classifier-free guidance and
-pass e(w) instead, with
-
-    e(w)_i = sin((w − 1)·1000·f_i),  e(w)_{d/2+i} = cos((w − 1)·1000·f_i),  f_i = 10000^(−i / (d/2 − 1))
-
-(diffusers' convention: w = 1 is unguided). The projection starts at zero, so the student starts
+pass e(w) instead (:func:`~stepdistill.diffusion.guidance_scale_embedding`; diffusers' convention:
+w = 1 is unguided). The projection starts at zero, so the student starts
 as the teacher whatever w is, and one student samples at any w in the range it was trained on.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,17 +21,6 @@ if TYPE_CHECKING:
     from stepdistill.models.denoiser import Prediction
 
 LCM_EMBEDDING_DIM = 256
-
-
-def guidance_scale_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
-    """e(w) for per-sample scales ``(B,)`` → ``(B, dim)``, as diffusers' pipelines compute it."""
-    if guidance_scale.ndim != 1:
-        raise ValueError(f"guidance_scale must have shape (B,) (got {tuple(guidance_scale.shape)})")
-    half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))
-    angles = ((guidance_scale.float() - 1) * 1000.0)[:, None] * frequencies.to(guidance_scale.device)[None, :]
-    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
-    return nn.functional.pad(embedding, (0, dim % 2))
 
 
 def with_guidance_embedding(unet: UNet2DConditionModel, dim: int = LCM_EMBEDDING_DIM) -> UNet2DConditionModel:

@@ -7,7 +7,7 @@ calls these in order:
     ... build the networks and the method from setup.teacher ...
     trainer = fake_score_trainer(cfg, setup, nets, method, cfg.critic_learning_rate)  # or Trainer(trainer_config(cfg), ...)
     trainer.fit()
-    finish(cfg, setup, trainer, student_unet, adapter)   # export for plain diffusers, score it, report.json
+    finish(cfg, setup, trainer, student_network, adapter, scheduler)  # export for plain diffusers, score it, report.json
 
 Modules: :mod:`.flags` (the shared flags), :mod:`.setup`, :mod:`.training` (trainer and validator
 assembly), :mod:`.end` (export and report), :mod:`.cli` (a recipe's ``__main__``).
@@ -18,12 +18,12 @@ from stepdistill.run.end import export_student, final_report, finish
 from stepdistill.run.flags import FakeScoreConfig, RunConfig
 from stepdistill.run.setup import (
     Setup, batch_sampler, enable_gradient_checkpointing, open_output, scores_digits, set_up, start,
-    training_data,
+    student_scheduler, training_data,
 )
 from stepdistill.run.training import fake_score_trainer, make_validator, trainer_config
 
 __all__ = [
     "FakeScoreConfig", "RunConfig", "Setup", "batch_sampler", "command_line", "enable_gradient_checkpointing",
     "export_student", "fake_score_trainer", "final_report", "finish", "make_validator", "open_output",
-    "scores_digits", "set_up", "start", "trainer_config", "training_data",
+    "scores_digits", "set_up", "start", "student_scheduler", "trainer_config", "training_data",
 ]

@@ -1,10 +1,14 @@
-"""A recipe's command line: parse its flags and run it, bad input ending in one ``error:`` line."""
+"""A recipe's command line: parse its flags and run it, bad input ending in one ``error:`` line.
+
+The library raises domain errors (a damaged checkpoint, a full disk, a diverged run); this is where
+they are worded as the flags that change them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from stepdistill import config as configs
+from stepdistill.checkpoints import CheckpointError, DiskSpaceError
 from stepdistill.config import ConfigError
 from stepdistill.models.loading import PipelineError
 from stepdistill.trainer import DivergedError
@@ -16,5 +20,13 @@ def command_line(config_cls: type, main: Callable, prog: str) -> None:
     cfg = configs.parse(config_cls, prog=prog)
     try:
         main(cfg)
-    except (PipelineError, ConfigError, DivergedError) as error:
+    except (PipelineError, ConfigError) as error:
         raise SystemExit(f"error: {error}") from None
+    except DivergedError as error:
+        raise SystemExit(f"error: {error}. Lower --learning_rate or --max_grad_norm and resume with "
+                         "--resume_from_checkpoint latest") from None
+    except DiskSpaceError as error:
+        raise SystemExit(f"error: --output_dir {error}; free space, choose another disk, or set "
+                         "--checkpointing_steps 0") from None
+    except CheckpointError as error:
+        raise SystemExit(f"error: --resume_from_checkpoint: {error}") from None

@@ -9,16 +9,17 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 from diffusers import DDIMScheduler  # any scheduler class reads any scheduler config
 from diffusers.optimization import SchedulerType
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from stepdistill import config as configs
-from stepdistill import export
 from stepdistill.assets import DIGITS_TEACHER, DIGITS_TEACHER_BEST_GUIDANCE
 from stepdistill.config import ConfigError, field
-from stepdistill.diffusion import FlowProcess
+from stepdistill.diffusion import TIMESTEP_SAMPLINGS
 from stepdistill.models.loading import PipelineError, require_pipeline_location
-from stepdistill.models.teacher import Teacher
-from stepdistill.trainer import find_checkpoint
+from stepdistill.checkpoints import CheckpointError, find_checkpoint
+
+
+LR_SCHEDULES = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
+TRACKERS = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
 
 
 @dataclass
@@ -30,72 +31,64 @@ class RunConfig:
     revision: str | None = field(None, "hub revision of the teacher")
     variant: str | None = field(None, "weight variant of the teacher, e.g. fp16")
     use_lora: bool = field(False, "train LoRA adapters on the frozen teacher network instead of full copies")
-    lora_rank: int = field(16, "LoRA rank")
-    resolution: int | None = field(None, "image side in px (default: the teacher's own; a multiple of its VAE and patch size)")
+    lora_rank: int = field(16, "LoRA rank", at_least=1)
+    resolution: int | None = field(None, "image side in px (default: the teacher's own; a multiple of its VAE and "
+                                         "patch size)", at_least=8)
     timestep_sampling: str = field("uniform", "how training noise levels are drawn: uniform, or logit_normal "
-                                              "(flow-matching teachers: σ = shift(sigmoid(z)), z ~ N(m, s²), SD3's)")
+                                              "(flow-matching teachers: σ = shift(sigmoid(z)), z ~ N(m, s²), SD3's)",
+                                   choices=TIMESTEP_SAMPLINGS)
     logit_mean: float = field(0.0, "m of --timestep_sampling logit_normal")
-    logit_std: float = field(1.0, "s of --timestep_sampling logit_normal")
+    logit_std: float = field(1.0, "s of --timestep_sampling logit_normal", greater_than=0)
     timestep_shift: float | None = field(None, "flow-matching teachers: the σ shift (default: the scheduler's; Flux's "
-                                               "dynamic shift at --resolution)")
+                                               "dynamic shift at --resolution)", greater_than=0)
     # data
     prompts_file: str | None = field(None, ".txt / .jsonl prompts (default: the digits captions)")
     train_data_dir: str | None = field(None, "captioned image folder (metadata.jsonl) of real images")
     # student
-    num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50)")
-    guidance_scale: float = field(DIGITS_TEACHER_BEST_GUIDANCE, "teacher classifier-free guidance distilled into the student (1.5 is the digits teacher's best)")
+    num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50)", at_least=1)
+    guidance_scale: float = field(DIGITS_TEACHER_BEST_GUIDANCE, "teacher classifier-free guidance distilled into the "
+                                  "student (1.5 is the digits teacher's best)", at_least=0)
     # optimisation
     output_dir: str = field("outputs/run", "where checkpoints, the student and report.json go")
-    max_train_steps: int = field(300, "student (generator) updates")
-    train_batch_size: int = field(32, "batch size of every update")
-    learning_rate: float = field(1e-4, "student AdamW learning rate")
-    lr_scheduler: str = field("constant", "learning-rate schedule of every optimiser: constant, linear, cosine, ... (diffusers' names)")
-    lr_warmup_steps: int = field(0, "warm-up updates of the schedule")
-    adam_beta1: float = field(0.9, "AdamW β1 of every optimiser (0 is common for adversarial games: SiD, GANs)")
-    adam_beta2: float = field(0.999, "AdamW β2 of every optimiser")
+    max_train_steps: int = field(300, "student (generator) updates", at_least=1)
+    train_batch_size: int = field(32, "batch size of every update", at_least=1)
+    learning_rate: float = field(1e-4, "student AdamW learning rate", greater_than=0)
+    lr_scheduler: str = field("constant", "learning-rate schedule of every optimiser (diffusers' names)",
+                              choices=LR_SCHEDULES)
+    lr_warmup_steps: int = field(0, "warm-up updates of the schedule", at_least=0)
+    adam_beta1: float = field(0.9, "AdamW β1 of every optimiser (0 is common for adversarial games: SiD, GANs)",
+                              at_least=0, below=1)
+    adam_beta2: float = field(0.999, "AdamW β2 of every optimiser", at_least=0, below=1)
     adam_weight_decay: float = field(0.01, "AdamW weight decay")
-    max_grad_norm: float = field(10.0, "gradient-norm clip (0: off)")
-    max_consecutive_skips: int = field(10, "stop the run after this many non-finite (skipped) updates in a row")
-    gradient_accumulation_steps: int = field(1, "micro-batches per update")
-    mixed_precision: str = field("no", "no | fp16 | bf16")
-    gradient_checkpointing: bool = field(False, "trade compute for memory in the trained UNets")
-    ema_decay: float = field(0.0, "EMA of the student weights that get exported (0: off)")
+    max_grad_norm: float = field(10.0, "gradient-norm clip (0: off)", at_least=0)
+    max_consecutive_skips: int = field(10, "stop the run after this many non-finite (skipped) updates in a row",
+                                       at_least=1)
+    gradient_accumulation_steps: int = field(1, "micro-batches per update", at_least=1)
+    mixed_precision: str = field("no", "mixed precision of the trained networks", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = field(False, "trade compute for memory in the trained networks")
+    ema_decay: float = field(0.0, "EMA of the student weights that get exported (0: off)", at_least=0, below=1)
     seed: int = field(0, "seed of everything")
-    num_threads: int = field(0, "CPU threads for torch (0: all cores, shared among processes)")
-    checkpointing_steps: int = field(0, "save a resumable checkpoint every N steps (0: off)")
-    checkpoints_total_limit: int = field(2, "keep this many checkpoints")
+    num_threads: int = field(0, "CPU threads for torch (0: all cores, shared among processes)", at_least=0)
+    checkpointing_steps: int = field(0, "save a resumable checkpoint every N steps (0: off)", at_least=0)
+    checkpoints_total_limit: int = field(2, "keep this many checkpoints", at_least=1)
     resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint folder")
     # monitoring and evaluation
-    report_to: str = field("auto", "accelerate tracker (tensorboard, wandb, ...), none, or auto: tensorboard if installed")
-    validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)")
-    num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a 16-image grid)")
-    eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher; 0: none)")
-    teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)")
+    report_to: str = field("auto", "accelerate tracker, none, or auto: tensorboard if installed", choices=TRACKERS)
+    validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)", at_least=0)
+    num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a 16-image "
+                                             "grid)", at_least=1)
+    eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher; 0: none)",
+                                  at_least=0)
+    teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)", at_least=0)
     teacher_eval_guidance_scale: float | None = field(None, "CFG scale of the report's teacher row (default: the shipped "
-                                                            "teacher's best, 1.5; another teacher's --guidance_scale)")
+                                                            "teacher's best, 1.5; another teacher's --guidance_scale)",
+                                                      at_least=0)
     dry_run: bool = field(False, "validate the flags and exit")
 
     def validate(self) -> None:
-        """Every check that needs no model, run before anything is loaded; recipes extend it."""
-        for name in ("lora_rank", "num_student_steps", "max_train_steps", "train_batch_size",
-                     "gradient_accumulation_steps", "checkpoints_total_limit", "num_validation_images",
-                     "max_consecutive_skips"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")
-        for name in ("guidance_scale", "max_grad_norm", "eval_num_samples", "teacher_eval_steps", "checkpointing_steps",
-                     "validation_steps", "num_threads", "lr_warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
-        if self.timestep_sampling not in ("uniform", "logit_normal"):
-            raise ConfigError(f"--timestep_sampling must be uniform or logit_normal (got {self.timestep_sampling!r})")
-        if not self.logit_std > 0 or not (self.timestep_shift is None or self.timestep_shift > 0):
-            raise ConfigError("--logit_std and --timestep_shift must be > 0")
-        if self.resolution is not None and self.resolution < 8:
-            raise ConfigError(f"--resolution must be ≥ 8 px (got {self.resolution})")
-        if (self.teacher_eval_guidance_scale or 0) < 0:
-            raise ConfigError(f"--teacher_eval_guidance_scale must be ≥ 0 (got {self.teacher_eval_guidance_scale})")
+        """Every check that needs no model, run before anything is loaded: the declared ranges, then the
+        checks between flags; recipes extend it."""
+        configs.check_ranges(self)
         if self.num_student_steps > 50:
             raise ConfigError(f"--num_student_steps must be ≤ 50, the student scheduler's grid (got {self.num_student_steps})")
         if self.eval_num_samples == 1:
@@ -105,19 +98,6 @@ class RunConfig:
                 "--use_lora with --gradient_checkpointing is not supported: the recomputed forward would run with "
                 "the wrong adapter active; drop one of the two"
             )
-        schedules = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
-        if self.lr_scheduler not in schedules:
-            raise ConfigError(f"--lr_scheduler must be one of {', '.join(schedules)} (got {self.lr_scheduler!r})")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema_decay must be in [0, 1) (got {self.ema_decay})")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
-        trackers = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
-        if self.report_to not in trackers:
-            raise ConfigError(f"--report_to must be one of {', '.join(trackers)} (got {self.report_to!r})")
         if self.report_to not in ("auto", "none") and self.report_to not in get_available_trackers():
             raise ConfigError(f"--report_to {self.report_to}: the package is not installed (pip install {self.report_to})")
         if self.prompts_file and self.train_data_dir:
@@ -128,7 +108,10 @@ class RunConfig:
             raise ConfigError(f"--train_data_dir {self.train_data_dir} needs a metadata.jsonl (file_name, text per line)")
         configs.require_writable_dir(self.output_dir, "--output_dir")
         if self.resume_from_checkpoint:
-            find_checkpoint(self.output_dir, self.resume_from_checkpoint)
+            try:
+                find_checkpoint(self.output_dir, self.resume_from_checkpoint)
+            except CheckpointError as error:
+                raise ConfigError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: {error}") from None
 
     def teacher_scheduler_config(self) -> dict:
         """The teacher's scheduler config, read without loading a model (for checks that need its T)."""
@@ -157,21 +140,24 @@ class RunConfig:
         return not (self.prompts_file or self.train_data_dir)
 
 
-DEFAULT_CONDITIONING_TIMESTEP = 625
+DEFAULT_CONDITIONING_TIMESTEP = 625  # SiD's initial timestep on SD's 1,000-step schedule
 
 
 @dataclass
 class FakeScoreConfig(RunConfig):
     """Flags shared by the methods that train a fake score against the student (DMD2, SiD)."""
 
-    critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate")
-    critic_steps_per_generator_step: int = field(1, "fake-score updates per student update (TTUR)")
+    critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate", greater_than=0)
+    critic_steps_per_generator_step: int = field(1, "fake-score updates per student update (TTUR)", at_least=1)
     conditioning_timestep: int | None = field(None, "DDPM-family teachers: timestep of the student's first step from "
                                                     "pure noise (default 625, SiD's; the DMD2 paper's is 999); the "
                                                     "export samples there. Flow students start at σ = 1")
-    gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)")
-    gan_critic_weight: float = field(0.0, "weight of the GAN term in the critic loss (0: off; needs real images)")
-    gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer detail)")
+    gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)",
+                                       at_least=0)
+    gan_critic_weight: float = field(0.0, "weight of the GAN term in the critic loss (0: off; needs real images)",
+                                     at_least=0)
+    gan_max_timestep: int = field(999, "the GAN sees real and student latents noised to t ≤ this (lower: finer "
+                                       "detail)", at_least=0)
     per_step_fake_score: bool = field(False, "few-step students: tell the fake score which step made each sample, so "
                                              "it learns each step's outputs apart, not their mixture (not in the "
                                              "papers; full weights only; the step embedding learns at 10× "
@@ -179,13 +165,6 @@ class FakeScoreConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.critic_learning_rate > 0:
-            raise ConfigError(f"--critic_learning_rate must be > 0 (got {self.critic_learning_rate})")
-        if self.critic_steps_per_generator_step < 1:
-            raise ConfigError(f"--critic_steps_per_generator_step must be ≥ 1 (got {self.critic_steps_per_generator_step})")
-        for name in ("gan_generator_weight", "gan_critic_weight", "gan_max_timestep"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be ≥ 0 (got {getattr(self, name)})")
         if self.uses_gan and self.prompts_file:
             raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
                               "or set the GAN weights to 0")
@@ -220,7 +199,3 @@ class FakeScoreConfig(RunConfig):
         """How many generation steps the fake score tells apart (1: it learns their mixture)."""
         return self.num_student_steps if self.per_step_fake_score else 1
 
-    def student_scheduler(self, teacher: Teacher) -> SchedulerMixin:
-        """The exported scheduler; the student's timesteps are read off it (training and sampling agree)."""
-        first = None if isinstance(teacher.process, FlowProcess) else self.first_timestep
-        return export.student_scheduler(teacher.pipeline.scheduler, teacher.process, first_timestep=first)

@@ -11,14 +11,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from stepdistill import conditioning
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from stepdistill import conditioning, export
 from stepdistill import config as configs
 from stepdistill.config import ConfigError
 from stepdistill.data import digits, prompts as user_data
+from stepdistill.diffusion import FlowProcess
 from stepdistill.methods.base import Batch
 from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher, load_teacher
-from stepdistill.run.flags import RunConfig
+from stepdistill.run.flags import FakeScoreConfig, RunConfig
 from stepdistill.trainer import make_accelerator, require_data_parallel, set_cpu_threads
 
 
@@ -100,6 +103,13 @@ def batch_sampler(
         )
 
     return next_batch
+
+
+def student_scheduler(cfg: FakeScoreConfig, teacher: Teacher) -> SchedulerMixin:
+    """The scheduler a fake-score method's student is exported with; its timesteps are read off it
+    (training and sampling agree). On a DDPM-family teacher it starts at ``cfg.first_timestep``."""
+    first = None if isinstance(teacher.process, FlowProcess) else cfg.first_timestep
+    return export.student_scheduler(teacher.pipeline.scheduler, teacher.process, first_timestep=first)
 
 
 def scores_digits(cfg: RunConfig, teacher: Teacher) -> bool:
