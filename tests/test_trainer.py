@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from stepdistill.checkpoints import CheckpointError, DiskSpaceError, find_checkpoint
 from stepdistill.methods.base import Batch
-from stepdistill.config import ConfigError
-from stepdistill.trainer import EMA, DivergedError, Trainer, TrainerConfig, find_checkpoint
+from stepdistill.trainer import EMA, DivergedError, Trainer, TrainerConfig
 
 
 class CountingMethod:
@@ -40,7 +40,8 @@ def make_trainer(tmp_path, critic_steps=3, steps=4, accumulation=1, poison_step=
     method = CountingMethod(critic_steps, generator, critic, poison_step)
     cfg = TrainerConfig(output_dir=str(tmp_path), max_train_steps=steps, learning_rate=0.1, critic_learning_rate=0.1,
                         adam_weight_decay=0.0, gradient_accumulation_steps=accumulation, **overrides)
-    batch = Batch(text=torch.zeros(1, 1, 1), uncond=torch.zeros(1, 1, 1))
+    batch = Batch(condition={"prompt_embeds": torch.zeros(1, 1, 1)},
+                  unconditional={"prompt_embeds": torch.zeros(1, 1, 1)})
     trainer = Trainer(cfg, method, [generator], list(generator.parameters()), [critic], list(critic.parameters()),
                       next_batch=lambda: batch, validate=validate)
     return trainer, method
@@ -160,11 +161,11 @@ def test_damaged_checkpoints_are_named_and_latest_passes_over_them(tmp_path):
     trainer.fit()
     weights = next((tmp_path / "checkpoint-4").glob("model*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated, as by a full disk
-    with pytest.raises(ConfigError, match=f"checkpoint-4 is damaged: {weights.name} has"):
+    with pytest.raises(CheckpointError, match=f"checkpoint-4 is damaged: {weights.name} has"):
         find_checkpoint(tmp_path, str(tmp_path / "checkpoint-4"))
     assert find_checkpoint(tmp_path, "latest").name == "checkpoint-2"
     (tmp_path / "checkpoint-2" / "stepdistill_checkpoint.json").unlink()
-    with pytest.raises(ConfigError, match="every checkpoint .* is damaged"):
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
         find_checkpoint(tmp_path, "latest")
 
 
@@ -181,6 +182,6 @@ def test_a_disk_too_small_for_checkpoints_is_refused_before_training(tmp_path, m
     trainer, method = make_trainer(tmp_path, steps=2, checkpointing_steps=1)
     assert trainer.checkpoint_bytes() == (2 + 2) * 4 + 2 * 4 * (2 + 2)  # two 2-weight layers, AdamW moments
     monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 10))
-    with pytest.raises(ConfigError, match="0.00 GB free but checkpoints need about"):
+    with pytest.raises(DiskSpaceError, match="0.00 GB free but checkpoints need about"):
         trainer.fit()
     assert method.generator_calls == 0

@@ -31,10 +31,12 @@ class RegressionToy:
         self.generator, self.critic, self.inputs, self.targets = generator, critic, inputs, targets
 
     def generator_loss(self, batch: Batch):
-        return {"loss": (self.generator(batch.text) - batch.uncond).square().mean()}
+        inputs, targets = batch.condition["prompt_embeds"], batch.unconditional["prompt_embeds"]
+        return {"loss": (self.generator(inputs) - targets).square().mean()}
 
     def critic_loss(self, batch: Batch):
-        return {"loss": (self.critic(batch.text) + batch.uncond).square().mean()}
+        inputs, targets = batch.condition["prompt_embeds"], batch.unconditional["prompt_embeds"]
+        return {"loss": (self.critic(inputs) + targets).square().mean()}
 
 
 def main(output_dir: Path, steps: int, resume: bool) -> None:
@@ -44,7 +46,7 @@ def main(output_dir: Path, steps: int, resume: bool) -> None:
     inputs, targets = torch.randn(GLOBAL_BATCH, 4), torch.randn(GLOBAL_BATCH, 2)
     share = GLOBAL_BATCH // accelerator.num_processes
     mine = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
-    batch = Batch(text=inputs[mine], uncond=targets[mine])
+    batch = Batch(condition={"prompt_embeds": inputs[mine]}, unconditional={"prompt_embeds": targets[mine]})
     cfg = TrainerConfig(output_dir=str(output_dir), max_train_steps=steps, learning_rate=0.05, critic_learning_rate=0.05,
                         adam_weight_decay=0.0, checkpointing_steps=1, resume_from_checkpoint="latest" if resume else None)
     trainer = Trainer(cfg, RegressionToy(generator, critic, inputs, targets), [generator], list(generator.parameters()),

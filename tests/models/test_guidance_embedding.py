@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from stepdistill.diffusion import process_from_scheduler
+from stepdistill.diffusion import guidance_scale_embedding, process_from_scheduler
 from stepdistill.models.denoiser import Denoiser
-from stepdistill.models.guidance_embedding import guidance_scale_embedding, with_guidance_embedding
+from stepdistill.models.guidance_embedding import with_guidance_embedding
 
 
 @pytest.mark.parametrize("dim", [256, 7])

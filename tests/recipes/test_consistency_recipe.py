@@ -86,7 +86,7 @@ def test_guidance_embedded_full_student(consistency, tiny_pipeline_dir, tmp_path
         (["--target_ema_decay", "0.95"], "--target_ema_decay > 0 needs --use_lora false"),
         (["--use_lora", "false", "--target_ema_decay", "1"], "--target_ema_decay must be in [0, 1)"),
         (["--prompts_file", "README.md"], "give --train_data_dir"),
-        (["--eval_steps", "0,2"], "--eval_steps must be step counts ≥ 1"),
+        (["--eval_steps", "0,2"], "--eval_steps must be ≥ 1"),
         (["--pretrained_model_name_or_path", "/no/such/teacher"], "no pipeline at /no/such/teacher"),
         (["--pretrained_model_name_or_path", "tests"], "not a diffusers pipeline folder"),
         (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),

@@ -126,7 +126,8 @@ def test_a_diverged_run_stops_with_one_message_and_keeps_its_checkpoint(
         dmd2.run.command_line(dmd2.DMD2Config, dmd2.main, prog="recipes/dmd2.py")
     message = str(exit_info.value.code)
     assert message.startswith("error: 3 generator updates in a row had a non-finite loss (step 3)")
-    assert "resume from the last good checkpoint" in message and "checkpoint-2" in message
+    assert "the last good checkpoint is" in message and "checkpoint-2" in message
+    assert "resume with --resume_from_checkpoint latest" in message
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (tmp_path / "student").exists()  # nothing exported from a diverged run
 
