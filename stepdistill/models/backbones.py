@@ -124,9 +124,9 @@ class Backbone:
         return pipeline.vae_scale_factor
 
     def image_seq_len(self, latent_shape: tuple[int, int, int]) -> int:
-        """The image's token count (what a dynamic timestep shift depends on)."""
+        """The image's token count (what a dynamic timestep shift depends on): latent pixels for a UNet."""
         _, h, w = latent_shape
-        return (h // 2) * (w // 2)
+        return h * w
 
     def to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """What the pipeline's ``latents=`` argument takes for these ``(B, C, h, w)`` latents."""
@@ -216,26 +216,20 @@ class UNetBackbone(Backbone):
         return inputs
 
 
-class SD3Backbone(Backbone):
-    """SD3 / SD3.5: an MMDiT on joint (CLIP ⊕ T5) and pooled CLIP embeddings, timestep input 1000σ.
-    Without its T5 encoder (``text_encoder_3=None``) the pipeline fills T5's part with zeros, and so do we."""
+class TransformerBackbone(Backbone):
+    """What the patch-based transformers share: LoRA targets, a middle double-stream block's image
+    tokens as the feature map, sizes in whole patches."""
 
     component = "transformer"
     lora_target_modules = TRANSFORMER_LORA_TARGETS
+    patch_size = 2
 
     def __init__(self, network):
         super().__init__(network)
         self.feature_layer = f"transformer_blocks.{len(network.transformer_blocks) // 2}"
-        self.patch_size = network.config.patch_size
-
-    def __call__(self, network, x_t, t, condition, guidance=None, timestep_cond=None, class_labels=None):
-        if guidance is not None or timestep_cond is not None or class_labels is not None:
-            raise BackboneError("SD3's transformer has no guidance, guidance-embedding or class input")
-        return network(hidden_states=x_t, timestep=t, encoder_hidden_states=condition["prompt_embeds"],
-                       pooled_projections=condition["pooled_prompt_embeds"], return_dict=False)[0]
 
     def feature_map(self, output, x_t):
-        tokens = output[1]  # a joint block returns (text tokens, image tokens)
+        tokens = output[1]  # a double-stream block returns (text tokens, image tokens)
         h, w = x_t.shape[-2] // self.patch_size, x_t.shape[-1] // self.patch_size
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
@@ -248,6 +242,21 @@ class SD3Backbone(Backbone):
     def image_seq_len(self, latent_shape):
         _, h, w = latent_shape
         return (h // self.patch_size) * (w // self.patch_size)
+
+
+class SD3Backbone(TransformerBackbone):
+    """SD3 / SD3.5: an MMDiT on joint (CLIP ⊕ T5) and pooled CLIP embeddings, timestep input 1000σ.
+    Without its T5 encoder (``text_encoder_3=None``) the pipeline fills T5's part with zeros, and so do we."""
+
+    def __init__(self, network):
+        super().__init__(network)
+        self.patch_size = network.config.patch_size
+
+    def __call__(self, network, x_t, t, condition, guidance=None, timestep_cond=None, class_labels=None):
+        if guidance is not None or timestep_cond is not None or class_labels is not None:
+            raise BackboneError("SD3's transformer has no guidance, guidance-embedding or class input")
+        return network(hidden_states=x_t, timestep=t, encoder_hidden_states=condition["prompt_embeds"],
+                       pooled_projections=condition["pooled_prompt_embeds"], return_dict=False)[0]
 
     @torch.no_grad()
     def encode(self, pipeline, prompts, resolution):
@@ -262,16 +271,9 @@ class SD3Backbone(Backbone):
                 "negative_pooled_prompt_embeds": unconditional["pooled_prompt_embeds"]}
 
 
-class FluxBackbone(Backbone):
+class FluxBackbone(TransformerBackbone):
     """Flux: a double/single-stream transformer on 2×2-packed latents with positional ids, T5 embeddings
     and pooled CLIP, the timestep input σ (it scales by 1000 itself), and FLUX.1-dev's guidance input."""
-
-    component = "transformer"
-    lora_target_modules = TRANSFORMER_LORA_TARGETS
-
-    def __init__(self, network):
-        super().__init__(network)
-        self.feature_layer = f"transformer_blocks.{len(network.transformer_blocks) // 2}"
 
     def takes_guidance(self, network):
         return bool(network.config.guidance_embeds)
@@ -302,22 +304,11 @@ class FluxBackbone(Backbone):
         ids[..., 2] += torch.arange(w // 2)[None, :]
         return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
-    def feature_map(self, output, x_t):
-        tokens = output[1]
-        h, w = x_t.shape[-2] // 2, x_t.shape[-1] // 2
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
-
-    def feature_channels(self, network):
-        return network.inner_dim
-
     def default_resolution(self, pipeline):
         return pipeline.default_sample_size * pipeline.vae_scale_factor
 
     def latent_channels(self, pipeline):
         return pipeline.transformer.config.in_channels // 4
-
-    def resolution_multiple(self, pipeline):
-        return pipeline.vae_scale_factor * 2
 
     def to_pipeline_latents(self, latents):
         """(B, C, h, w) → (B, h/2 · w/2, 4C): each 2×2 patch becomes one token."""
