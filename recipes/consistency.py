@@ -78,6 +78,12 @@ class ConsistencyConfig(run.RunConfig):
             raise ConfigError("--eval_steps must name at least one step count")
         self._validate_grid()
 
+    def validate_teacher(self, teacher) -> None:
+        super().validate_teacher(teacher)
+        if self.guidance_embedding and not teacher.backbone.has_embedding_slots():
+            raise ConfigError(f"--guidance_embedding needs a UNet teacher (its timestep-condition slot); this one is a "
+                              f"{type(teacher.network).__name__}")
+
     def _validate_grid(self) -> None:
         """The checks that need the teacher's T, read from its scheduler config (no model is loaded)."""
         num_train_timesteps = self.teacher_scheduler_config()["num_train_timesteps"]

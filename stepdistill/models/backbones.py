@@ -9,8 +9,8 @@ denoiser contract above it (:class:`~stepdistill.models.denoiser.Denoiser`) is o
 * **the condition**: which text-encoder outputs the network reads (:mod:`stepdistill.conditioning`),
   computed once through the pipeline's own ``encode_prompt``;
 * **the latent layout**: methods always see ``(B, C, h, w)``; Flux's packing happens here;
-* **LoRA target modules** and **features of a named layer** for discriminators, captured by a
-  forward hook while the forward pass runs to its end (the hook never aborts it).
+* **LoRA target modules** and **features of named layers** for discriminators (by default one
+  middle layer), captured by forward hooks while the forward pass runs to its end (no hook aborts it).
 
 Adapters hold no weights: student, fake score and teacher are different networks of one family.
 """
@@ -52,9 +52,6 @@ class Backbone:
     lora_target_modules: tuple[str, ...] = UNET_LORA_TARGETS
     feature_layer = "mid_block"
 
-    def __init__(self, network: nn.Module) -> None:
-        self.feature_layer = type(self).feature_layer
-
     # -- the network call ------------------------------------------------------------------------
     def __call__(
         self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
@@ -75,19 +72,24 @@ class Backbone:
     def features(
         self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
         guidance: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The output of :attr:`feature_layer` as a map ``(B, C, h, w)``; the forward pass runs to its end."""
-        captured: list[torch.Tensor] = []
-        hook = network.get_submodule(self.feature_layer).register_forward_hook(
-            lambda module, inputs, output: captured.append(output))
+        layers: tuple[str, ...] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The outputs of ``layers`` (default: :attr:`feature_layer`), each as a map ``(B, C, h, w)``,
+        by module name; one forward pass that runs to its end."""
+        captured: dict[str, object] = {}
+        hooks = [network.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, name=name: captured.setdefault(name, output))
+            for name in layers or (self.feature_layer,)]
         try:
             self(network, x_t, t, condition, guidance=guidance, class_labels=class_labels)
         finally:
-            hook.remove()
-        return self.feature_map(captured[0], x_t)
+            for hook in hooks:
+                hook.remove()
+        return {name: self.feature_map(output, x_t) for name, output in captured.items()}
 
     def feature_map(self, output, x_t: torch.Tensor) -> torch.Tensor:
-        return output
+        """A UNet block's output (its hidden states come first where a block returns more)."""
+        return output[0] if isinstance(output, tuple) else output
 
     def feature_channels(self, network: nn.Module) -> int:
         raise NotImplementedError
@@ -152,8 +154,9 @@ class Backbone:
         """Write diffusers LoRA weights that ``pipeline.load_lora_weights(folder)`` loads."""
         type(pipeline).save_lora_weights(folder, **{f"{self.component}_lora_layers": state}, safe_serialization=True)
 
-    def supports_step_input(self) -> bool:
-        """Whether a per-step fake score can tell steps apart through the network (a UNet's class-label slot)."""
+    def has_embedding_slots(self) -> bool:
+        """Whether the network has a UNet's class-label and timestep-condition slots, which the per-step
+        fake score and the guidance-scale embedding use."""
         return False
 
 
@@ -161,7 +164,6 @@ class UNetBackbone(Backbone):
     """SD 1.x / 2.x (text embeddings) and SDXL (two encoders' embeddings, pooled embeddings, time ids)."""
 
     def __init__(self, network: nn.Module) -> None:
-        super().__init__(network)
         self.added_conditioning = network.config.addition_embed_type == "text_time"
 
     def __call__(self, network, x_t, t, condition, guidance=None, timestep_cond=None, class_labels=None):
@@ -175,7 +177,7 @@ class UNetBackbone(Backbone):
     def feature_channels(self, network):
         return network.config.block_out_channels[-1]
 
-    def supports_step_input(self) -> bool:
+    def has_embedding_slots(self) -> bool:
         return True
 
     @torch.no_grad()
@@ -225,11 +227,10 @@ class TransformerBackbone(Backbone):
     patch_size = 2
 
     def __init__(self, network):
-        super().__init__(network)
         self.feature_layer = f"transformer_blocks.{len(network.transformer_blocks) // 2}"
 
     def feature_map(self, output, x_t):
-        tokens = output[1]  # a double-stream block returns (text tokens, image tokens)
+        tokens = output[1]  # a block returns (text tokens, image tokens)
         h, w = x_t.shape[-2] // self.patch_size, x_t.shape[-1] // self.patch_size
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 

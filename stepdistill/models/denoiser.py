@@ -86,8 +86,8 @@ class Denoiser(nn.Module):
         once on the doubled batch (every condition entry concatenated); CFG is applied to the raw
         prediction (equivalent to applying it to x̂0 or ε̂, which are affine in it at fixed x_t). A
         network with a guidance input of its own (FLUX.1-dev) gets ``guidance_scale`` there instead, in
-        one pass (``guidance_scale`` may then be per sample, ``(B,)``). A UNet with a guidance-scale embedding needs ``embedded_guidance``, the per-sample
-        scales ``(B,)``. A UNet with a step embedding (a per-step fake score) needs ``step``, the
+        one pass (``guidance_scale`` may then be per sample, ``(B,)``). A UNet with a guidance-scale
+        embedding needs ``embedded_guidance``, the per-sample scales ``(B,)``. A UNet with a step embedding (a per-step fake score) needs ``step``, the
         generation step of each sample ``(B,)``; it enters through diffusers' class-label input.
         """
         if t.shape != (x_t.shape[0],):
@@ -127,7 +127,8 @@ class Denoiser(nn.Module):
         middle joint block) for a discriminator head; a guidance input of the network's own gets 1."""
         select_adapter(self.network, self.adapter)
         guidance = torch.ones(x_t.shape[0], device=x_t.device) if self.takes_guidance_input else None
-        return self.backbone.features(self.network, x_t, t, condition, guidance=guidance, class_labels=step)
+        features = self.backbone.features(self.network, x_t, t, condition, guidance=guidance, class_labels=step)
+        return features[self.backbone.feature_layer]
 
 
 def guided(

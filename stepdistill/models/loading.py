@@ -63,7 +63,8 @@ def load_pipeline(
             "(e.g. one downloaded earlier with `hf download`)."
         ) from error
     components = pipe.components
-    if components.get("text_encoder") is None or not any(components.get(k) is not None for k in ("unet", "transformer")):
+    has_text_encoder = any(components.get(k) is not None for k in ("text_encoder", "text_encoder_2"))
+    if not has_text_encoder or not any(components.get(k) is not None for k in ("unet", "transformer")):
         raise PipelineError(
             f"{name} holds a {type(pipe).__name__}, which is not a text-to-image pipeline "
             "(it needs a text encoder and a UNet or transformer)"

@@ -122,7 +122,7 @@ def build_networks(
     full copies or LoRA adapters; ``guidance_embedding_dim`` gives a full UNet student a guidance-scale
     input, ``fake_score_steps`` > 1 a full UNet fake score a :class:`StepEmbedding` of that many steps."""
     backbone = adapter_for(teacher_network)
-    if (guidance_embedding_dim is not None or fake_score_steps > 1) and not backbone.supports_step_input():
+    if (guidance_embedding_dim is not None or fake_score_steps > 1) and not backbone.has_embedding_slots():
         raise ValueError(f"guidance-scale and step embeddings are for UNets; a {type(teacher_network).__name__} "
                          "has no time-embedding slot for them")
     if guidance_embedding_dim is not None and use_lora:

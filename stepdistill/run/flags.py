@@ -113,6 +113,13 @@ class RunConfig:
             except CheckpointError as error:
                 raise ConfigError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: {error}") from None
 
+    def validate_teacher(self, teacher) -> None:
+        """The checks that need the loaded teacher (its backbone), run before anything is written."""
+        if self.guidance_scale != 1 and not teacher.backbone.guidance_is_possible(teacher.network):
+            raise ConfigError(f"--guidance_scale {self.guidance_scale}: this {type(teacher.network).__name__} has "
+                              "neither a guidance input nor unconditional training (FLUX.1-schnell); pass "
+                              "--guidance_scale 1")
+
     def teacher_scheduler_config(self) -> dict:
         """The teacher's scheduler config, read without loading a model (for checks that need its T)."""
         try:
@@ -183,6 +190,12 @@ class FakeScoreConfig(RunConfig):
                               "(--use_lora false): LoRA shares the UNet with the teacher, which has no step input")
         if self.gan_max_timestep > last:
             raise ConfigError(f"--gan_max_timestep must be ≤ {last}, the teacher's last timestep (got {self.gan_max_timestep})")
+
+    def validate_teacher(self, teacher) -> None:
+        super().validate_teacher(teacher)
+        if self.per_step_fake_score and not teacher.backbone.has_embedding_slots():
+            raise ConfigError(f"--per_step_fake_score needs a UNet teacher (its class-label slot); this one is a "
+                              f"{type(teacher.network).__name__}")
 
     @property
     def uses_gan(self) -> bool:

@@ -15,7 +15,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from stepdistill import conditioning, export
 from stepdistill import config as configs
-from stepdistill.config import ConfigError
 from stepdistill.data import digits, prompts as user_data
 from stepdistill.diffusion import FlowProcess
 from stepdistill.methods.base import Batch
@@ -66,9 +65,7 @@ def set_up(cfg: RunConfig, name: str) -> Setup | None:
     accelerator = start(cfg)
     teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.resolution,
                            cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.timestep_shift)
-    if cfg.guidance_scale != 1 and not teacher.backbone.guidance_is_possible(teacher.network):
-        raise ConfigError(f"--guidance_scale {cfg.guidance_scale}: this {type(teacher.network).__name__} has neither a "
-                          "guidance input nor unconditional training (FLUX.1-schnell); pass --guidance_scale 1")
+    cfg.validate_teacher(teacher)
     teacher.pipeline.to(accelerator.device)
     prompts, real_latents = training_data(cfg, teacher)
     open_output(cfg, accelerator, name)

@@ -25,10 +25,24 @@ def test_each_pipeline_gets_its_adapter_and_conditions(backbone_dirs, name, adap
         assert not unconditional["prompt_embeds"].any() and not unconditional["text_embeds"].any()
         assert condition["time_ids"][0].tolist() == [32, 32, 0, 0, 32, 32]
     x = torch.randn((2, *teacher.latent_shape))
+    first_block = "down_blocks.0" if adapter is UNetBackbone else "transformer_blocks.0"
+    layers = (teacher.backbone.feature_layer, first_block)
+    guidance = torch.ones(2) if teacher.backbone.takes_guidance(teacher.network) else None
+    seen = {}
+    hooks = [teacher.network.get_submodule(name).register_forward_hook(
+        lambda module, inputs, output, name=name: seen.setdefault(name, output)) for name in layers]
     features = teacher.backbone.features(teacher.network, x, torch.tensor([500.0, 900.0]),
-                                         {k: v[:2] for k, v in condition.items()},
-                                         guidance=torch.ones(2) if teacher.backbone.takes_guidance(teacher.network) else None)
-    assert features.ndim == 4 and features.shape[:2] == (2, teacher.backbone.feature_channels(teacher.network))
+                                         {k: v[:2] for k, v in condition.items()}, guidance=guidance, layers=layers)
+    for hook in hooks:
+        hook.remove()
+    assert set(features) == set(layers)
+    middle = features[teacher.backbone.feature_layer]
+    assert middle.ndim == 4 and middle.shape[:2] == (2, teacher.backbone.feature_channels(teacher.network))
+    for name in layers:  # the layers' own outputs (image tokens laid out on the latent grid for transformers)
+        output = seen[name][1] if adapter is not UNetBackbone else seen[name]
+        output = output[0] if isinstance(output, tuple) else output
+        flat = features[name].flatten(2).transpose(1, 2) if adapter is not UNetBackbone else features[name]
+        assert torch.equal(flat, output)
 
 
 def test_flux_packing_round_trips_like_the_pipeline(backbone_dirs):

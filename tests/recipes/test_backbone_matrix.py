@@ -78,3 +78,17 @@ def test_flux_without_guidance_input_refuses_cfg_before_writing(dmd2, tmp_path, 
     with pytest.raises(ConfigError, match="--guidance_scale 1"):
         dmd2.main(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_unet_only_options_are_refused_on_a_transformer_before_writing(sid, consistency, backbone_dirs, tmp_path, data):
+    from stepdistill.config import ConfigError
+
+    cfg = recipe_config(sid, "sid", backbone_dirs["sd3"], tmp_path / "sid", data, use_lora=False)
+    cfg.per_step_fake_score = True
+    with pytest.raises(ConfigError, match="--per_step_fake_score needs a UNet teacher"):
+        sid.main(cfg)
+    cfg = recipe_config(consistency, "consistency", backbone_dirs["flux"], tmp_path / "lcm", data, use_lora=False)
+    cfg.guidance_embedding = True
+    with pytest.raises(ConfigError, match="--guidance_embedding needs a UNet teacher"):
+        consistency.main(cfg)
+    assert not (tmp_path / "sid").exists() and not (tmp_path / "lcm").exists()
