@@ -6,7 +6,7 @@ latent normalisation) whose every part is a few thousand parameters, so that a 2
 32×32 images takes milliseconds on a CPU. The weights are random, seeded per part, and the
 pipeline is written with ``save_pretrained`` so that ``DiffusionPipeline.from_pretrained(folder)``
 reloads it offline (SD3 without T5 needs ``text_encoder_3=None, tokenizer_3=None`` passed: diffusers
-refuses to leave those two out on its own).
+refuses to leave those two out on its own; :func:`stepdistill.models.loading.load_pipeline` passes them).
 
 All three VAEs have two levels (scale factor 2): 32×32 images ↔ 16×16 latents, with each family's
 latent channel count (SDXL 4, SD3 16, Flux 16) and its ``scaling_factor``/``shift_factor``.
