@@ -74,6 +74,9 @@ class ConsistencyConfig(run.RunConfig):
             raise ConfigError("--target_ema_decay > 0 needs --use_lora false: a LoRA student's target is the student itself")
         if self.prompts_file:
             raise ConfigError("consistency distillation noises real images: give --train_data_dir, not --prompts_file")
+        if self.timestep_sampling != "uniform":
+            raise ConfigError("--timestep_sampling: consistency distillation walks the teacher's solver grid "
+                              "(--skipping_interval, uniformly); it draws no other noise levels")
         if not self.eval_steps:
             raise ConfigError("--eval_steps must name at least one step count")
         self._validate_grid()

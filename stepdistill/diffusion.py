@@ -376,10 +376,12 @@ def few_step_sample(
     it was the last step, re-noise it to the next timestep with fresh noise:
     x ← α_{t'} x̂0 + σ_{t'} ε. Returns the final x̂0, or with ``stop_before=k`` the noisy input
     of step k (DMD2's backward simulation trains the student on exactly those inputs). This is
-    what diffusers' ``LCMScheduler`` (``FlowMatchLCMScheduler`` on a flow teacher) computes with the
-    exported config and the same generator, when ``draw_noise(shape, generator=, device=, dtype=)``
-    draws the fresh noise as the pipeline does (``randn_tensor``; Flux's in its packed layout,
-    :meth:`~stepdistill.models.backbones.Backbone.draw_noise`).
+    what diffusers' ``LCMScheduler`` computes with the exported config and the same generator, and what
+    ``FlowMatchLCMScheduler`` computes on a flow teacher for one batch when torch's global generator is
+    seeded like ``generator`` (SD3's and Flux's pipelines do not pass theirs to the scheduler, and that
+    scheduler also draws at its last step, so later batches' draws differ), with
+    ``draw_noise(shape, generator=, device=, dtype=)`` drawing as the pipeline does (``randn_tensor``;
+    Flux's in its packed layout, :meth:`~stepdistill.models.backbones.Backbone.draw_noise`).
     """
     x = noise
     batch = noise.shape[0]

@@ -56,8 +56,10 @@ def student_scheduler(
     first_timestep: int | None = None,
 ) -> SchedulerMixin:
     """The scheduler that samples the student exactly: ``FlowMatchLCMScheduler`` at the process's
-    static shift on a flow teacher (the other arguments are for variance-preserving teachers), else
-    an ``LCMScheduler`` on the teacher's noise schedule.
+    static shift on a flow teacher (the other arguments are for variance-preserving teachers: a flow
+    consistency student is sampled at the σ's its pipeline asks for, which need not lie on its
+    training grid, as a consistency function is defined at every σ), else an ``LCMScheduler`` on the
+    teacher's noise schedule.
 
     ``timestep_scaling``: 1e4 switches the boundary mix off (DMD students), 10 is LCM's consistency
     function; ``original_inference_steps`` N puts N-step sampling on the grid t = k·n − 1, k = T / N.

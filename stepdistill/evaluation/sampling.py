@@ -23,9 +23,8 @@ def number_of_function_evaluations(pipe: DiffusionPipeline, num_inference_steps:
     """Network calls per image: one per step, two with classifier-free guidance (conditional +
     unconditional), which diffusers skips for a network that takes the guidance scale as an input."""
     backbone = backbone_for(pipe)
-    network = backbone.network(pipe)
-    embedded = getattr(network.config, "time_cond_proj_dim", None) is not None or backbone.takes_guidance(network)
-    return num_inference_steps * (2 if guidance_scale > 1 and not embedded else 1)
+    runs_cfg = backbone.pipeline_runs_cfg(backbone.network(pipe))
+    return num_inference_steps * (2 if guidance_scale > 1 and runs_cfg else 1)
 
 
 @torch.no_grad()

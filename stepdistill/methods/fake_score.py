@@ -32,9 +32,12 @@ from stepdistill.methods.base import Batch, Losses
 from stepdistill.models.networks import Networks, step_embedding_size
 
 
-def denoising_loss(eps_prediction: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Denoising score matching in ε-space: its minimiser is the score of the noised data."""
-    return F.mse_loss(eps_prediction.float(), eps.float())
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Denoising score matching, the MSE between a network's prediction and its target: its minimiser is
+    the score of the noised data. Fake scores use the teacher's own parameterisation (ε for ε-teachers,
+    v for v and flow teachers): on rectified flow the ε error is (1 − σ) times the v error, so an
+    ε-space loss would give the fake score almost no signal near σ = 1, where one-step students start."""
+    return F.mse_loss(prediction.float(), target.float())
 
 
 def gan_critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -148,7 +151,8 @@ class FakeScoreDistillation:
             x, step = self.generate(batch)
         x_t, t, eps = self.noised(x, 0, self.process.max_timestep)
         prediction = self.nets.fake_score(x_t, t, batch.condition, batch.unconditional, self.fake_guidance_scale, step=step)
-        losses: Losses = {"fake_score": denoising_loss(prediction.eps, eps)}
+        losses: Losses = {"fake_score": denoising_loss(self.process.prediction_from(prediction.x0, prediction.eps, t),
+                                                       self.process.prediction_from(x, eps, t))}
         total = losses["fake_score"]
         # the discriminator: noised real latents vs noised student samples at the same t ≤ gan_max_timestep
         # (a per-step fake score sees the real ones as step k's target)

@@ -27,6 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from stepdistill.conditioning import Condition
+from stepdistill.models.loading import PipelineError
 
 UNET_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -41,7 +42,7 @@ TRANSFORMER_LORA_TARGETS = (  # joint attention of both streams, their feed-forw
 FLUX_MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FluxPipeline's default: training conditions must be the ones it samples with
 
 
-class BackboneError(ValueError):
+class BackboneError(PipelineError):
     """A pipeline or request no adapter can serve; the message says what is supported."""
 
 
@@ -68,6 +69,10 @@ class Backbone:
     def guidance_is_possible(self, network: nn.Module) -> bool:
         """Whether a guidance scale ≠ 1 means anything: CFG (trained with empty captions), or a guidance input."""
         return True
+
+    def pipeline_runs_cfg(self, network: nn.Module) -> bool:
+        """Whether the pipeline turns ``guidance_scale`` > 1 into two network calls per step (CFG)."""
+        return getattr(network.config, "time_cond_proj_dim", None) is None
 
     def features(
         self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Condition,
@@ -281,6 +286,9 @@ class FluxBackbone(TransformerBackbone):
 
     def guidance_is_possible(self, network):
         return self.takes_guidance(network)  # FLUX.1-schnell: timestep-distilled, no guidance input, no CFG
+
+    def pipeline_runs_cfg(self, network):
+        return False  # FluxPipeline's guidance_scale feeds the guidance input; CFG needs true_cfg_scale
 
     def __call__(self, network, x_t, t, condition, guidance=None, timestep_cond=None, class_labels=None):
         if timestep_cond is not None or class_labels is not None:

@@ -42,8 +42,10 @@ class Teacher:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], batch_size: int = 256) -> Condition:
-        """The condition of every prompt (text-encoder outputs the network reads), computed in chunks."""
-        chunks = [self.backbone.encode(self.pipeline, prompts[start : start + batch_size], self.resolution)
+        """The condition of every prompt (text-encoder outputs the network reads), computed in chunks and
+        kept on the CPU (a Flux condition is 8 MiB a prompt): batches move what they pick."""
+        chunks = [conditioning.to(self.backbone.encode(self.pipeline, prompts[start : start + batch_size],
+                                                       self.resolution), "cpu")
                   for start in range(0, len(prompts), batch_size)]
         return conditioning.concat(*chunks)
 
@@ -58,10 +60,8 @@ class Teacher:
         ``(N, 3, H, W)`` images in [-1, 1]."""
         vae = self.pipeline.vae
         shift = vae.config.get("shift_factor") or 0.0
-        latents = []
-        for chunk in images.split(batch_size):
-            mean = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean
-            latents.append((mean - shift) * vae.config.scaling_factor if shift else mean * vae.config.scaling_factor)
+        latents = [(vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean - shift) * vae.config.scaling_factor
+                   for chunk in images.split(batch_size)]
         return torch.cat(latents).float()
 
     @torch.no_grad()
@@ -69,8 +69,7 @@ class Teacher:
         """Images ``(N, 3, H, W)`` in [-1, 1] from latents as :meth:`encode_images` makes them."""
         vae = self.pipeline.vae
         shift = vae.config.get("shift_factor") or 0.0
-        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
-        return vae.decode(scaled + shift if shift else scaled).sample.float().clamp(-1, 1)
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.float().clamp(-1, 1)
 
 
 def load_teacher(

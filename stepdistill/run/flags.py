@@ -89,6 +89,14 @@ class RunConfig:
         """Every check that needs no model, run before anything is loaded: the declared ranges, then the
         checks between flags; recipes extend it."""
         configs.check_ranges(self)
+        if self.timestep_sampling == "uniform" and (self.logit_mean, self.logit_std) != (0.0, 1.0):
+            raise ConfigError("--logit_mean and --logit_std shape --timestep_sampling logit_normal; the sampling is "
+                              "uniform")
+        if self.timestep_sampling != "uniform" or self.timestep_shift is not None:
+            scheduler = self.teacher_scheduler_config().get("_class_name", "")
+            if "FlowMatch" not in scheduler:
+                raise ConfigError(f"--timestep_sampling logit_normal and --timestep_shift are for flow-matching teachers "
+                                  f"(SD3, Flux); this teacher's scheduler is {scheduler}")
         if self.num_student_steps > 50:
             raise ConfigError(f"--num_student_steps must be ≤ 50, the student scheduler's grid (got {self.num_student_steps})")
         if self.eval_num_samples == 1:

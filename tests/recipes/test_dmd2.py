@@ -100,6 +100,11 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
         (["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),
         (["--prompts_file", "README.md"], "the GAN term needs real images"),
         (["--gan_max_timestep", "1000"], "--gan_max_timestep must be ≤ 999"),
+        (["--timestep_sampling", "logit_normal"], "are for flow-matching teachers (SD3, Flux)"),
+        (["--timestep_shift", "3"], "this teacher's scheduler is DDIMScheduler"),
+        (["--timestep_sampling", "beta"], "--timestep_sampling must be one of uniform, logit_normal"),
+        (["--logit_std", "2"], "the sampling is uniform"),
+        (["--resolution", "4"], "--resolution must be ≥ 8"),
     ],
 )
 def test_bad_flags_fail_before_loading(dmd2, flags, message, capsys):
