@@ -1,7 +1,13 @@
-"""``python -m stepdistill evaluate``: score any diffusers text-to-image pipeline.
+"""``python -m stepdistill evaluate``: score any diffusers text-to-image pipeline or exported student.
 
     python -m stepdistill evaluate --pipeline PATH --num_inference_steps 1,4,50 --guidance_scale 1,2
+    python -m stepdistill evaluate --pipeline outputs/consistency/student --num_inference_steps 1,2,4  # LoRA student
+    python -m stepdistill evaluate --pipeline lcm-lora/ --pretrained_model_name_or_path BASE --scheduler LCMScheduler
     python -m stepdistill evaluate --scheduler DDPMScheduler --guidance_scale 1.25,1.5   # ancestral sampling
+
+``--pipeline`` takes a pipeline folder or hub id, any student folder a recipe wrote (a LoRA one goes onto
+the base recorded at export, or ``--pretrained_model_name_or_path``), or LoRA weights from elsewhere with
+``--pretrained_model_name_or_path`` as their base. The report says what was loaded.
 
 An ancestral (stochastic) sampler draws from the distribution that the guided teacher's scores
 describe, which is what a distribution-matching student (DMD2, SiD) learns; the deterministic DDIM
@@ -24,22 +30,27 @@ import torch
 from diffusers import SchedulerMixin
 
 from stepdistill import config as configs
+from stepdistill import export
 from stepdistill.assets import DIGITS_TEACHER
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
 from stepdistill.evaluation import report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.models.backbones import backbone_for
-from stepdistill.models.loading import PipelineError, load_pipeline
+from stepdistill.models.loading import PipelineError
 
 
 @dataclass
 class EvaluateConfig:
     """Sample a text-to-image pipeline and score it (FD-digits / prompt accuracy, FID, CLIP score)."""
 
-    pipeline: str = field(str(DIGITS_TEACHER), "pipeline folder or hub id (default: the shipped digits teacher)")
+    pipeline: str = field(str(DIGITS_TEACHER), "pipeline folder, hub id, a recipe's student folder, or LoRA weights "
+                                               "(default: the shipped digits teacher)")
+    pretrained_model_name_or_path: str | None = field(None, "base model of LoRA weights (default for a recipe's LoRA "
+                                                            "student: the base recorded at export)")
     num_inference_steps: tuple[int, ...] = field((50,), "sampling steps, comma-separated (e.g. 1,2,4,50)")
-    guidance_scale: tuple[float, ...] = field((1.0,), "classifier-free guidance scales, comma-separated")
+    guidance_scale: tuple[float, ...] | None = field(None, "classifier-free guidance scales, comma-separated "
+                                                           "(default: a student's recorded scale, else 1)")
     scheduler: str | None = field(None, "diffusers scheduler class to sample with, e.g. DDPMScheduler (default: the pipeline's own)")
     num_samples: int = field(1000, "images per setting (digit prompts cycle 0..9)")
     prompts_file: str | None = field(None, "text file with one prompt per line, used cyclically (default: digit prompts)")
@@ -57,7 +68,7 @@ class EvaluateConfig:
             raise ConfigError(f"--batch_size must be ≥ 1 (got {self.batch_size})")
         if not self.num_inference_steps or min(self.num_inference_steps) < 1:
             raise ConfigError(f"--num_inference_steps must be ≥ 1 (got {self.num_inference_steps})")
-        if not self.guidance_scale or min(self.guidance_scale) < 0:
+        if self.guidance_scale is not None and (not self.guidance_scale or min(self.guidance_scale) < 0):
             raise ConfigError(f"--guidance_scale must be ≥ 0 (got {self.guidance_scale})")
         if self.prompts_file is not None and not Path(self.prompts_file).is_file():
             raise ConfigError(f"--prompts_file {self.prompts_file} does not exist")
@@ -100,7 +111,8 @@ def load_image_folder(folder: str, size: int) -> torch.Tensor:
 
 def run(cfg: EvaluateConfig) -> list[report.Result]:
     prompts = cfg.prompts()
-    pipe = load_pipeline(cfg.pipeline)
+    pipe, loaded = export.load_any(cfg.pipeline, cfg.pretrained_model_name_or_path)
+    guidance_scales = cfg.guidance_scale or (loaded.get("student_guidance_scale", 1.0),)
     if cfg.scheduler is not None:
         pipe.scheduler = scheduler_class(cfg.scheduler).from_config(pipe.scheduler.config)
     image_size = backbone_for(pipe).default_resolution(pipe)
@@ -118,10 +130,11 @@ def run(cfg: EvaluateConfig) -> list[report.Result]:
     )
     output_dir = Path(cfg.output_dir)
     results = report.evaluate(
-        pipe, Path(cfg.pipeline).name or cfg.pipeline, cfg.num_inference_steps, cfg.guidance_scale,
+        pipe, Path(cfg.pipeline).name or cfg.pipeline, cfg.num_inference_steps, guidance_scales,
         prompts, scorers, output_dir=output_dir, seed=cfg.seed, batch_size=cfg.batch_size,
     )
-    extra = {"pipeline": cfg.pipeline, "scheduler": type(pipe.scheduler).__name__}
+    extra = {"pipeline": cfg.pipeline, **loaded, "scheduler": type(pipe.scheduler).__name__}
+    print("scored " + ", ".join(f"{key} {value}" for key, value in extra.items()))
     if scorers.digits is not None:
         extra["real_vs_real_fd_digits"] = scorers.digits.real_floor(cfg.num_samples)
     report.write_report(results, output_dir / "evaluation.json", **extra)

@@ -201,3 +201,38 @@ def load_student(
     if base_model is None:
         raise PipelineError(f"{student_dir} holds LoRA weights; give the base model they were trained on")
     return load_lora_student(base_model, student_dir, revision, variant), info["guidance_scale"]
+
+
+def load_any(
+    name_or_path: str | Path, base_model: str | Path | None = None, revision: str | None = None,
+    variant: str | None = None,
+) -> tuple[DiffusionPipeline, dict]:
+    """Whatever a user asks to score, as a diffusers pipeline, and a description of what was loaded:
+
+    * a student folder a recipe wrote (``stepdistill_student.json``): :func:`load_student`, a LoRA one onto
+      ``base_model`` or the base recorded at export;
+    * LoRA weights from elsewhere (a ``.safetensors`` file, or a folder holding one, no metadata) onto
+      ``base_model``, which is then required; the base's scheduler stays;
+    * a pipeline folder or hub id, as it is.
+
+    The description holds ``loaded`` (student, lora, pipeline), ``base_model`` where a LoRA went onto
+    one, and a student's recorded ``student_guidance_scale`` and ``student_num_inference_steps``.
+    """
+    path = Path(name_or_path).expanduser()
+    if (path / STUDENT_METADATA).is_file():
+        info = json.loads((path / STUDENT_METADATA).read_text())
+        pipe, guidance_scale = load_student(path, base_model, revision, variant)
+        described = {"loaded": f"student ({info['format']})", "student_guidance_scale": guidance_scale,
+                     "student_num_inference_steps": info["num_inference_steps"]}
+        if info["format"] == "lora":
+            described["base_model"] = str(base_model or info.get("base_model"))
+        return pipe, described
+    lora_file = path if path.suffix == ".safetensors" else path / LORA_WEIGHTS
+    if lora_file.is_file():
+        if base_model is None:
+            raise PipelineError(f"{name_or_path} holds LoRA weights without {STUDENT_METADATA}; give the base model "
+                                "they belong to with --pretrained_model_name_or_path")
+        pipe = load_pipeline(base_model, revision=revision, variant=variant)
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        return pipe, {"loaded": "lora", "base_model": str(base_model)}
+    return load_pipeline(name_or_path, revision=revision, variant=variant), {"loaded": "pipeline"}
