@@ -29,13 +29,14 @@ class ConfigError(ValueError):
 
 def field(
     default: Any, help: str, *, at_least: float | None = None, greater_than: float | None = None,
-    below: float | None = None, choices: tuple | None = None, **kwargs: Any,
+    below: float | None = None, choices: tuple | None = None, aliases: tuple[str, ...] = (), **kwargs: Any,
 ) -> Any:
     """A dataclass field with its help text and its allowed values (both shown by ``--help``): ``x ≥ at_least``,
-    ``x > greater_than``, ``x < below``, ``x in choices`` (``None`` passes every range of an optional field)."""
+    ``x > greater_than``, ``x < below``, ``x in choices`` (``None`` passes every range of an optional field);
+    ``aliases`` are other flag names for it (``("num_samples",)`` → ``--num_samples``)."""
     rules = {key: value for key, value in (("at_least", at_least), ("greater_than", greater_than), ("below", below),
                                            ("choices", choices)) if value is not None}
-    metadata = {"help": help, "rules": rules}
+    metadata = {"help": help, "rules": rules, "aliases": aliases}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -150,7 +151,8 @@ def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None =
         kind, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument(
-            f"--{f.name}",
+            f"--{f.name}", *(f"--{alias}" for alias in f.metadata.get("aliases", ())),
+            dest=f.name,
             type=_converter(kind, optional),
             default=argparse.SUPPRESS,
             metavar=_type_name(kind),

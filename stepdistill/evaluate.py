@@ -52,7 +52,8 @@ class EvaluateConfig:
     guidance_scale: tuple[float, ...] | None = field(None, "classifier-free guidance scales, comma-separated "
                                                            "(default: a student's recorded scale, else 1)")
     scheduler: str | None = field(None, "diffusers scheduler class to sample with, e.g. DDPMScheduler (default: the pipeline's own)")
-    num_samples: int = field(1000, "images per setting (digit prompts cycle 0..9)")
+    eval_num_samples: int = field(1000, "images per setting (digit prompts cycle 0..9), as the recipes' flag",
+                                  aliases=("num_samples",))
     prompts_file: str | None = field(None, "text file with one prompt per line, used cyclically (default: digit prompts)")
     seed: int = field(0, "seed of the initial noise (the same for every model)")
     batch_size: int = field(250, "images per pipeline call")
@@ -62,8 +63,8 @@ class EvaluateConfig:
     clip_model: str | None = field(None, "local CLIP model folder; enables CLIP score")
 
     def validate(self) -> None:
-        if self.num_samples < 2:
-            raise ConfigError(f"--num_samples must be ≥ 2, as Fréchet distances need two samples (got {self.num_samples})")
+        if self.eval_num_samples < 2:
+            raise ConfigError(f"--eval_num_samples must be ≥ 2, as Fréchet distances need two samples (got {self.eval_num_samples})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be ≥ 1 (got {self.batch_size})")
         if not self.num_inference_steps or min(self.num_inference_steps) < 1:
@@ -81,11 +82,11 @@ class EvaluateConfig:
 
     def prompts(self) -> list[str]:
         if self.prompts_file is None:
-            return digits.evaluation_prompts(self.num_samples)
+            return digits.evaluation_prompts(self.eval_num_samples)
         lines = [line.strip() for line in Path(self.prompts_file).read_text().splitlines() if line.strip()]
         if not lines:
             raise ConfigError(f"--prompts_file {self.prompts_file} has no prompts")
-        return [lines[i % len(lines)] for i in range(self.num_samples)]
+        return [lines[i % len(lines)] for i in range(self.eval_num_samples)]
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:
@@ -136,11 +137,11 @@ def run(cfg: EvaluateConfig) -> list[report.Result]:
     extra = {"pipeline": cfg.pipeline, **loaded, "scheduler": type(pipe.scheduler).__name__}
     print("scored " + ", ".join(f"{key} {value}" for key, value in extra.items()))
     if scorers.digits is not None:
-        extra["real_vs_real_fd_digits"] = scorers.digits.real_floor(cfg.num_samples)
+        extra["real_vs_real_fd_digits"] = scorers.digits.real_floor(cfg.eval_num_samples)
     report.write_report(results, output_dir / "evaluation.json", **extra)
     print(report.markdown_table(results))
     if "real_vs_real_fd_digits" in extra:
-        print(f"\nreal-vs-real FD-digits floor at {min(cfg.num_samples, 1347)} samples: {extra['real_vs_real_fd_digits']:.3f}")
+        print(f"\nreal-vs-real FD-digits floor at {min(cfg.eval_num_samples, 1347)} samples: {extra['real_vs_real_fd_digits']:.3f}")
     print(f"wrote {output_dir / 'evaluation.json'} and image grids")
     return results
 

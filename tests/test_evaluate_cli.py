@@ -102,8 +102,8 @@ def test_missing_pipeline(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--num_samples", "0"], "--num_samples must be ≥ 2"),
-        (["--num_samples", "1"], "--num_samples must be ≥ 2"),
+        (["--num_samples", "0"], "--eval_num_samples must be ≥ 2"),  # the recipes' name, and the older alias
+        (["--eval_num_samples", "1"], "--eval_num_samples must be ≥ 2"),
         (["--num_inference_steps", "0"], "--num_inference_steps must be ≥ 1"),
         (["--num_inference_steps", "4,0"], "--num_inference_steps must be ≥ 1"),
         (["--guidance_scale", "-1"], "--guidance_scale must be ≥ 0"),
@@ -166,7 +166,7 @@ def test_missing_inception_weights_is_a_one_line_error(tiny_pipeline_dir, shippe
 def test_prompts_file_is_used_cyclically(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten digit one\n\n  a handwritten digit two  \n")
-    cfg = evaluate.EvaluateConfig(prompts_file=str(prompts), num_samples=5)
+    cfg = evaluate.EvaluateConfig(prompts_file=str(prompts), eval_num_samples=5)
     assert cfg.prompts() == ["a handwritten digit one", "a handwritten digit two"] * 2 + ["a handwritten digit one"]
 
 
