@@ -25,7 +25,8 @@ Distillation". Each training step (the math lives in ``stepdistill.methods.sid``
 The default guidance is 1.25, not the 1.5 at which the digits teacher's DDIM samples score best: SiD
 matches the distribution the guided scores describe, and an ancestral sampler shows that one is best at
 1.25 (README, "Which guidance scale to distil"). A few-step student sharpens its samples on its own, so
-it does best distilling the unguided teacher (``--guidance_scale 1``; README, Results). No real images are needed; a GAN weight adds few-step SiD's diffusion-GAN term on real images
+it does best distilling the unguided teacher (``--guidance_scale 1``; README, Results). No real images
+are needed; a GAN weight adds few-step SiD's diffusion-GAN term on real images
 (``--train_data_dir``; the digits' train split for the shipped teacher). Zero-CFG is ``--guidance_scale 1 --fake_guidance_scale 0 --fake_guidance_scale_generator 0``
 (an unguided teacher, a text-free fake score); Anti-CFG gives the fake score a negative scale in the
 student's loss. The student is exported for plain diffusers like every other recipe's, and scored.

@@ -42,6 +42,7 @@ from torch import nn
 
 VP_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+LCM_SIGMA_DATA = 0.5  # σ_d of diffusers' LCMScheduler boundary scalings
 
 
 class NoiseProcess:
@@ -185,9 +186,6 @@ class VPProcess(NoiseProcess):
         c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
         c_out = scaled / (scaled**2 + LCM_SIGMA_DATA**2).sqrt()
         return _broadcast(c_skip, like), _broadcast(c_out, like)
-
-
-LCM_SIGMA_DATA = 0.5  # σ_d of diffusers' LCMScheduler boundary scalings
 
 
 def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
