@@ -52,29 +52,32 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def find_checkpoint(output_dir: str | Path, request: str) -> Path:
-    """Resolve a resume request to a complete checkpoint folder.
+def find_checkpoint(output_dir: str | Path, request: str) -> Path | None:
+    """Resolve a resume request to a complete checkpoint folder, as diffusers' training scripts do.
 
-    ``latest`` takes the newest complete checkpoint and warns (one line, through Python's logging:
-    it may run before any accelerator exists) about newer damaged ones it passes over; an explicit
-    path must itself be complete. Raises :class:`CheckpointError` otherwise.
+    ``latest`` takes the newest complete checkpoint in ``output_dir``, warning (one line each) about
+    newer damaged ones it passes over, and is ``None`` when the run has no checkpoint yet (a fresh
+    start). Any other request is a folder, or a folder name inside ``output_dir``, and must be
+    complete. Raises :class:`CheckpointError` otherwise.
     """
     if request == "latest":
         folders = list_checkpoints(output_dir)
-        if not folders:
-            raise CheckpointError(f"no checkpoint-* folder in {output_dir}")
         for folder in reversed(folders):
             problem = checkpoint_problem(folder)
             if problem is None:
                 return folder
             logger.warning(f"skipping damaged checkpoint {folder}: {problem}")
-        raise CheckpointError(f"every checkpoint in {output_dir} is damaged")
+        if folders:
+            raise CheckpointError(f"every checkpoint in {output_dir} is damaged")
+        return None
     path = Path(request)
+    if not path.is_dir() and (Path(output_dir) / request).is_dir():
+        path = Path(output_dir) / request
     if not path.is_dir():
-        raise CheckpointError(f"no such checkpoint folder {request}")
+        raise CheckpointError(f"no checkpoint folder {request} (neither a path nor a folder in {output_dir})")
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise CheckpointError(f"{request} is damaged: {problem}; give an older checkpoint or 'latest' "
+        raise CheckpointError(f"{path} is damaged: {problem}; give an older checkpoint or 'latest' "
                               "(which passes over damaged ones)")
     return path
 

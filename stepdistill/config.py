@@ -1,6 +1,7 @@
 """One config system for every recipe: a typed dataclass is the schema, the CLI and YAML fill it.
 
-Each field becomes ``--field_name``; the field's ``help`` metadata is its help text, and its declared
+Each field becomes ``--field_name`` (a boolean one also takes the bare form, ``--use_lora`` for
+``--use_lora true``); the field's ``help`` metadata is its help text, and its declared
 range (``field(1, "...", at_least=1)``, ``greater_than``, ``below``, ``choices``) is shown there and
 checked by :func:`check_ranges` before ``validate()``. ``--config
 run.yaml`` loads values first and flags given on the command line override them. Unknown flags and
@@ -154,6 +155,7 @@ def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None =
             f"--{f.name}", *(f"--{alias}" for alias in f.metadata.get("aliases", ())),
             dest=f.name,
             type=_converter(kind, optional),
+            **({"nargs": "?", "const": True} if kind is bool else {}),  # a bare --flag means true
             default=argparse.SUPPRESS,
             metavar=_type_name(kind),
             help=f"{f.metadata.get('help', '')} (default: {default}"

@@ -13,7 +13,9 @@ critic updates (the two time-scale update rule of DMD2; 1 for methods without a 
 Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
 steps its optimiser's learning-rate schedule (diffusers' ``get_scheduler``: constant, linear, cosine, ...),
 and is skipped (and counted) if its loss is not finite; ``max_consecutive_skips`` skips in a row
-stop the run with :class:`DivergedError` (checkpoints already written stay intact).
+stop the run with :class:`DivergedError` (checkpoints already written stay intact). Ctrl-C stops the
+run at the end of the current step, writes a checkpoint when checkpointing is on, and raises
+:class:`Interrupted`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import json
 import os
 import resource
 import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +54,38 @@ class DivergedError(RuntimeError):
     """Raised when updates keep producing non-finite losses: the run has diverged."""
 
 
+class Interrupted(RuntimeError):
+    """The run stopped on Ctrl-C (SIGINT) at the end of step ``step``; ``checkpoint`` holds it, or is
+    ``None`` when checkpointing is off."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """While open, the first Ctrl-C (SIGINT) only sets the returned event, for the loop to stop at the
+    end of its update; a second one interrupts at once, as Python does by default. Outside the main
+    thread (where signals cannot be handled) the event is never set."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def request_stop(signum, frame) -> None:
+        requested.set()
+        signal.signal(signal.SIGINT, previous)
+        print("\nstopping at the end of this update (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclass
 class TrainerConfig:
     """The loop's settings; recipes embed these in their own config."""
@@ -62,7 +99,7 @@ class TrainerConfig:
     adam_weight_decay: float = 0.01
     max_grad_norm: float = 10.0
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: accelerate's own setting
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     ema_decay: float = 0.0
@@ -100,11 +137,12 @@ class Progress:
         self.consecutive_skips = state["consecutive_skips"]
 
 
-def make_accelerator(mixed_precision: str, report_to: str, output_dir: str | Path) -> Accelerator:
-    """The run's ``Accelerator``; ``report_to`` names an accelerate tracker, ``none``, or ``auto``
-    (tensorboard when it is installed). ``train_log.jsonl`` is written either way. Launched as
-    several processes on a machine without CUDA, they join one gloo group (accelerate alone would
-    run each as an independent single-process job)."""
+def make_accelerator(mixed_precision: str | None, report_to: str, output_dir: str | Path) -> Accelerator:
+    """The run's ``Accelerator``; ``mixed_precision`` ``None`` leaves it to accelerate's config or
+    launcher, and fp16 is refused on the CPU, where accelerate would silently run fp32. ``report_to``
+    names an accelerate tracker, ``none``, or ``auto`` (tensorboard when it is installed).
+    ``train_log.jsonl`` is written either way. Launched as several processes on a machine without
+    CUDA, they join one gloo group (accelerate alone would run each as an independent single-process job)."""
     if report_to == "auto":
         report_to = "tensorboard" if is_tensorboard_available() else "none"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,6 +151,9 @@ def make_accelerator(mixed_precision: str, report_to: str, output_dir: str | Pat
         project_dir=str(output_dir),
         cpu=world_size > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo, not N lone runs
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("--mixed_precision fp16 needs a CUDA GPU (on the CPU accelerate runs fp32 instead); use bf16 "
+                          "or no")
     if accelerator.num_processes != world_size:
         raise ConfigError(
             f"launched as {world_size} processes but accelerate set up {accelerator.num_processes}; "
@@ -254,6 +295,12 @@ class Trainer:
         finite = torch.isfinite(loss.detach()).reshape(1).float()
         return bool(self.accelerator.gather(finite).min() > 0)
 
+    def _anywhere(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any process (all stop together)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device)).max() > 0)
+
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` atomically (a temporary folder renamed when complete)."""
@@ -305,6 +352,26 @@ class Trainer:
         ema = sum(4 * p.numel() for p in self.generator_parameters) if self.ema is not None else 0
         return weights + moments + ema
 
+    def resume(self, request: str) -> None:
+        """Load the checkpoint ``request`` names (see :func:`checkpoints.find_checkpoint`): weights,
+        optimisers, RNG states, progress, schedules, EMA; ``latest`` before any checkpoint starts afresh."""
+        checkpoint = checkpoints.find_checkpoint(self.cfg.output_dir, request)
+        if checkpoint is None:
+            logger.info(f"no checkpoint in {self.cfg.output_dir} yet: starting a new run", main_process_only=True)
+            return
+        self.accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        self.progress.load_state_dict(state["progress"])
+        for role, scheduler in self.lr_schedulers.items():
+            scheduler.load_state_dict(state["lr_schedulers"][role])
+        if self.ema is not None:
+            try:
+                self.ema.load(checkpoint / EMA_WEIGHTS)
+            except ValueError as error:
+                raise checkpoints.CheckpointError(str(error)) from None
+        logger.info(f"resumed from {checkpoint} at step {self.progress.step}", main_process_only=True)
+        self._truncate_log()
+
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> Progress:
         cfg = self.cfg
@@ -312,51 +379,52 @@ class Trainer:
         if cfg.checkpointing_steps:
             checkpoints.require_disk_space(cfg.output_dir, self.checkpoint_bytes())
         if cfg.resume_from_checkpoint:
-            checkpoint = checkpoints.find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
-            self.accelerator.load_state(str(checkpoint))
-            state = json.loads((checkpoint / TRAINER_STATE).read_text())
-            self.progress.load_state_dict(state["progress"])
-            for role, scheduler in self.lr_schedulers.items():
-                scheduler.load_state_dict(state["lr_schedulers"][role])
-            if self.ema is not None:
-                try:
-                    self.ema.load(checkpoint / EMA_WEIGHTS)
-                except ValueError as error:
-                    raise checkpoints.CheckpointError(str(error)) from None
-            logger.info(f"resumed from {checkpoint} at step {self.progress.step}", main_process_only=True)
-            self._truncate_log()
+            self.resume(cfg.resume_from_checkpoint)
         critic_steps = getattr(self.method, "critic_steps_per_generator_step", 1) if self.critic_optimizer else 0
         bar = tqdm(
             total=cfg.max_train_steps, initial=self.progress.step, desc="distilling",
             disable=not self.accelerator.is_local_main_process,
         )
-        while self.progress.step < cfg.max_train_steps:
-            started = time.perf_counter()
-            record: dict[str, float] = {}
-            for _ in range(critic_steps):
-                critic_losses = self._update("critic", self.method.critic_loss, self.critic_optimizer, self.critic_parameters)
-                for name, value in (critic_losses or {}).items():  # mean over the step's critic updates
-                    record[f"critic/{name}"] = record.get(f"critic/{name}", 0.0) + value.item() / critic_steps
-            generator_losses = self._update("generator", self.method.generator_loss, self.generator_optimizer, self.generator_parameters)
-            if generator_losses:
-                record.update({f"generator/{k}": v.item() for k, v in generator_losses.items()})
-                if self.ema is not None:
-                    self.ema.update()
-                if hasattr(self.method, "after_generator_update"):
-                    self.method.after_generator_update()
-            self.progress.step += 1
-            self.progress.seconds += time.perf_counter() - started
-            record.update(step=self.progress.step, seconds=self.progress.seconds)
-            if cfg.validation_steps and self.progress.step % cfg.validation_steps == 0:
-                record.update(self.run_validation())
-            bar.update(1)
-            bar.set_postfix({k.replace("/loss", ""): f"{v:.4g}" for k, v in record.items() if k.endswith("/loss")})
-            self._log(record)
-            if cfg.checkpointing_steps and self.progress.step % cfg.checkpointing_steps == 0:
-                self.save_checkpoint()
+        with stop_requests() as stop:
+            while self.progress.step < cfg.max_train_steps:
+                checkpoint = self._step(critic_steps, bar)
+                if self.progress.step < cfg.max_train_steps and self._anywhere(stop.is_set()):
+                    bar.close()
+                    if cfg.checkpointing_steps and checkpoint is None:
+                        checkpoint = self.save_checkpoint()
+                    raise Interrupted(self.progress.step, checkpoint)
         bar.close()
         self.accelerator.wait_for_everyone()
         return self.progress
+
+    def _step(self, critic_steps: int, bar: tqdm) -> Path | None:
+        """One training step: the critic updates, the generator update, logging, validation, and the
+        checkpoint when one is due (its folder is returned)."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        record: dict[str, float] = {}
+        for _ in range(critic_steps):
+            critic_losses = self._update("critic", self.method.critic_loss, self.critic_optimizer, self.critic_parameters)
+            for name, value in (critic_losses or {}).items():  # mean over the step's critic updates
+                record[f"critic/{name}"] = record.get(f"critic/{name}", 0.0) + value.item() / critic_steps
+        generator_losses = self._update("generator", self.method.generator_loss, self.generator_optimizer, self.generator_parameters)
+        if generator_losses:
+            record.update({f"generator/{k}": v.item() for k, v in generator_losses.items()})
+            if self.ema is not None:
+                self.ema.update()
+            if hasattr(self.method, "after_generator_update"):
+                self.method.after_generator_update()
+        self.progress.step += 1
+        self.progress.seconds += time.perf_counter() - started
+        record.update(step=self.progress.step, seconds=self.progress.seconds)
+        if cfg.validation_steps and self.progress.step % cfg.validation_steps == 0:
+            record.update(self.run_validation())
+        bar.update(1)
+        bar.set_postfix({k.replace("/loss", ""): f"{v:.4g}" for k, v in record.items() if k.endswith("/loss")})
+        self._log(record)
+        if cfg.checkpointing_steps and self.progress.step % cfg.checkpointing_steps == 0:
+            return self.save_checkpoint()
+        return None
 
     def summary(self) -> dict:
         """What the run cost: steps, training seconds (validation and checkpoints excluded), steps/s,

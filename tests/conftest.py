@@ -20,6 +20,17 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set: a test
+    that runs another precision starts from a clean state and leaves one behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> tiny_sd.TinySDConfig:
     """Two-level UNet and VAE: 32×32 images ↔ 16×16×4 latents, a 16-d text encoder."""

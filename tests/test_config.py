@@ -55,6 +55,13 @@ def test_bool_spellings(text, expected):
     assert configs.parse(ToyConfig, ["--flag", text]).flag is expected
 
 
+def test_a_bare_boolean_flag_means_true():
+    cfg = configs.parse(ToyConfig, ["--flag", "false"])
+    assert cfg.flag is False
+    cfg = configs.parse(ToyConfig, ["--flag", "false", "--flag", "--batch_size", "2"])  # as diffusers' scripts take it
+    assert cfg.flag is True and cfg.batch_size == 2
+
+
 def test_optional_string_keeps_other_text():
     assert configs.parse(ToyConfig, ["--name", "teacher_v2"]).name == "teacher_v2"
 

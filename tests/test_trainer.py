@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 
 from stepdistill.checkpoints import CheckpointError, DiskSpaceError, find_checkpoint
 from stepdistill.methods.base import Batch
-from stepdistill.trainer import EMA, DivergedError, Trainer, TrainerConfig
+from stepdistill.trainer import EMA, DivergedError, Interrupted, Trainer, TrainerConfig
 
 
 class CountingMethod:
@@ -167,6 +169,52 @@ def test_damaged_checkpoints_are_named_and_latest_passes_over_them(tmp_path):
     (tmp_path / "checkpoint-2" / "stepdistill_checkpoint.json").unlink()
     with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
         find_checkpoint(tmp_path, "latest")
+
+
+def test_latest_resolves_names_in_the_output_folder_and_starts_afresh_without_checkpoints(tmp_path, caplog):
+    assert find_checkpoint(tmp_path / "fresh", "latest") is None
+    trainer, _ = make_trainer(tmp_path / "fresh", steps=2, resume_from_checkpoint="latest", checkpointing_steps=2)
+    with caplog.at_level("INFO"):
+        trainer.fit()
+    assert trainer.progress.step == 2 and "starting a new run" in caplog.text
+    assert find_checkpoint(tmp_path / "fresh", "checkpoint-2") == tmp_path / "fresh" / "checkpoint-2"
+    with pytest.raises(CheckpointError, match="no checkpoint folder checkpoint-9 .*fresh"):
+        find_checkpoint(tmp_path / "fresh", "checkpoint-9")
+
+
+def interrupt_during_generator_update(method, update: int) -> None:
+    """Send this process a Ctrl-C (SIGINT) during the method's ``update``-th generator update."""
+    loss = method.generator_loss
+
+    def interrupting(batch):
+        if method.generator_calls == update - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(batch)
+
+    method.generator_loss = interrupting
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path):
+    full, full_method = make_trainer(tmp_path / "full", steps=5, ema_decay=0.9)
+    full.fit()
+    stopped, method = make_trainer(tmp_path / "split", steps=5, checkpointing_steps=4, ema_decay=0.9)
+    interrupt_during_generator_update(method, 2)
+    with pytest.raises(Interrupted, match="interrupted at step 2") as stop:
+        stopped.fit()
+    assert stop.value.checkpoint == tmp_path / "split" / "checkpoint-2" and method.generator_calls == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    resumed, resumed_method = make_trainer(tmp_path / "split", steps=5, resume_from_checkpoint="latest", ema_decay=0.9)
+    resumed.fit()
+    torch.testing.assert_close(resumed_method.generator.weight, full_method.generator.weight, atol=0, rtol=0)
+    torch.testing.assert_close(resumed.ema.shadow, full.ema.shadow, atol=0, rtol=0)
+
+
+def test_ctrl_c_without_checkpointing_stops_with_nothing_saved(tmp_path):
+    trainer, method = make_trainer(tmp_path, steps=5)
+    interrupt_during_generator_update(method, 3)
+    with pytest.raises(Interrupted) as stop:
+        trainer.fit()
+    assert (stop.value.step, stop.value.checkpoint) == (3, None) and not list(tmp_path.glob("checkpoint-*"))
 
 
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):

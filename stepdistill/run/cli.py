@@ -5,18 +5,22 @@ they are worded as the flags that change them."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from stepdistill import config as configs
 from stepdistill.checkpoints import CheckpointError, DiskSpaceError
 from stepdistill.config import ConfigError
 from stepdistill.models.loading import PipelineError
-from stepdistill.trainer import DivergedError
+from stepdistill.trainer import DivergedError, Interrupted
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def command_line(config_cls: type, main: Callable, prog: str) -> None:
     """A recipe's ``__main__``: parse the flags into ``config_cls``, run ``main``; bad input ends
-    with one ``error:`` line (exit status 1) instead of a traceback, and so does a diverged run."""
+    with one ``error:`` line (exit status 1) instead of a traceback, and so does a diverged run.
+    Ctrl-C ends with a line saying how to resume (exit status 130)."""
     cfg = configs.parse(config_cls, prog=prog)
     try:
         main(cfg)
@@ -30,3 +34,11 @@ def command_line(config_cls: type, main: Callable, prog: str) -> None:
                          "--checkpointing_steps 0") from None
     except CheckpointError as error:
         raise SystemExit(f"error: --resume_from_checkpoint: {error}") from None
+    except Interrupted as stop:
+        print(f"{stop}; " + (f"{stop.checkpoint} written: resume with --resume_from_checkpoint latest"
+                             if stop.checkpoint else "nothing saved (--checkpointing_steps 0)"), file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
+    except KeyboardInterrupt:
+        print("interrupted; resume from the newest checkpoint, if any, with --resume_from_checkpoint latest",
+              file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None

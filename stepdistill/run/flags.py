@@ -64,14 +64,17 @@ class RunConfig:
     max_consecutive_skips: int = field(10, "stop the run after this many non-finite (skipped) updates in a row",
                                        at_least=1)
     gradient_accumulation_steps: int = field(1, "micro-batches per update", at_least=1)
-    mixed_precision: str = field("no", "mixed precision of the trained networks", choices=("no", "fp16", "bf16"))
+    mixed_precision: str | None = field(None, "autocast precision of the forward passes (default: accelerate's config or "
+                                              "`accelerate launch --mixed_precision`, else no); fp16 needs a GPU",
+                                        choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = field(False, "trade compute for memory in the trained networks")
     ema_decay: float = field(0.0, "EMA of the student weights that get exported (0: off)", at_least=0, below=1)
     seed: int = field(0, "seed of everything")
     num_threads: int = field(0, "CPU threads for torch (0: all cores, shared among processes)", at_least=0)
     checkpointing_steps: int = field(0, "save a resumable checkpoint every N steps (0: off)", at_least=0)
     checkpoints_total_limit: int = field(2, "keep this many checkpoints", at_least=1)
-    resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint folder")
+    resume_from_checkpoint: str | None = field(None, "'latest' (the newest intact checkpoint in --output_dir; none yet: "
+                                                     "a fresh start), a checkpoint folder, or its name in --output_dir")
     # monitoring and evaluation
     report_to: str = field("auto", "accelerate tracker, none, or auto: tensorboard if installed", choices=TRACKERS)
     validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)", at_least=0)
@@ -115,7 +118,7 @@ class RunConfig:
         if self.train_data_dir and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
             raise ConfigError(f"--train_data_dir {self.train_data_dir} needs a metadata.jsonl (file_name, text per line)")
         configs.require_writable_dir(self.output_dir, "--output_dir")
-        if self.resume_from_checkpoint:
+        if self.resume_from_checkpoint not in (None, "latest"):  # "latest" is resolved (and logged) when resuming
             try:
                 find_checkpoint(self.output_dir, self.resume_from_checkpoint)
             except CheckpointError as error:

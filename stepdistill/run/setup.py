@@ -25,10 +25,13 @@ from stepdistill.trainer import make_accelerator, require_data_parallel, set_cpu
 
 
 def start(cfg: RunConfig) -> Accelerator:
-    """Logging (stepdistill's info lines on stderr), accelerator, threads and seed; nothing is written yet."""
+    """Logging (stepdistill's info lines on stderr), accelerator, threads and seed; nothing is written
+    yet. ``cfg.mixed_precision`` becomes the precision the accelerator settled on, so that
+    ``config.json`` records what ran."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("stepdistill").setLevel(logging.INFO)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
+    cfg.mixed_precision = accelerator.mixed_precision
     require_data_parallel(accelerator)
     set_cpu_threads(accelerator, cfg.num_threads)
     set_seed(cfg.seed)

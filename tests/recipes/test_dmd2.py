@@ -73,8 +73,7 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
     "flags, message",
     [
         (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
-        (["--resume_from_checkpoint", "nowhere/checkpoint-9"], "no such checkpoint"),
-        (["--resume_from_checkpoint", "latest", "--output_dir", "/tmp/stepdistill-no-such-run"], "no checkpoint-"),
+        (["--resume_from_checkpoint", "nowhere/checkpoint-9"], "no checkpoint folder nowhere/checkpoint-9"),
         (["--mixed_precision", "fp8"], "--mixed_precision"),
         (["--learning_rate", "0"], "--learning_rate must be > 0"),
         (["--prompts_file", "missing.txt"], "--prompts_file missing.txt does not exist"),
@@ -135,6 +134,35 @@ def test_a_diverged_run_stops_with_one_message_and_keeps_its_checkpoint(
     assert "resume with --resume_from_checkpoint latest" in message
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (tmp_path / "student").exists()  # nothing exported from a diverged run
+
+
+def test_latest_passes_over_a_damaged_checkpoint_with_one_warning(dmd2, tiny_pipeline_dir, tmp_path, monkeypatch,
+                                                                   caplog):
+    flags = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--output_dir", str(tmp_path), "--train_batch_size",
+             "2", "--checkpointing_steps", "2", "--validation_steps", "0", "--eval_num_samples", "0", "--num_threads", "1"]
+    dmd2.main(configs.parse(dmd2.DMD2Config, [*flags, "--max_train_steps", "4"]))
+    weights = next((tmp_path / "checkpoint-4").glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short, as by a full disk
+    (tmp_path / "train_log.jsonl").unlink()
+    monkeypatch.setattr("sys.argv", ["recipes/dmd2.py", *flags, "--max_train_steps", "5",
+                                     "--resume_from_checkpoint", "latest"])
+    with caplog.at_level("INFO"):
+        dmd2.run.command_line(dmd2.DMD2Config, dmd2.main, prog="recipes/dmd2.py")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"skipping damaged checkpoint {tmp_path / 'checkpoint-4'}")
+    assert f"resumed from {tmp_path / 'checkpoint-2'} at step 2" in caplog.text
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [3, 4, 5]
+
+
+def test_fp16_on_the_cpu_is_refused_not_run_as_fp32(dmd2, tiny_pipeline_dir, tmp_path, monkeypatch,
+                                                    fresh_accelerator_state):
+    with pytest.raises(ConfigError, match="--mixed_precision fp16 needs a CUDA GPU"):
+        dmd2.main(smoke_config(dmd2, tiny_pipeline_dir, tmp_path / "out", mixed_precision="fp16"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as `accelerate launch --mixed_precision fp16` sets it
+    with pytest.raises(ConfigError, match="--mixed_precision fp16 needs a CUDA GPU"):
+        dmd2.main(smoke_config(dmd2, tiny_pipeline_dir, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_teachers_are_refused_before_training(dmd2, tmp_path):
