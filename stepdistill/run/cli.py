@@ -1,7 +1,7 @@
 """A recipe's command line: parse its flags and run it, bad input ending in one ``error:`` line.
 
-The library raises domain errors (a damaged checkpoint, a full disk, a diverged run); this is where
-they are worded as the flags that change them."""
+The library raises domain errors (unreadable data, a damaged checkpoint, a full disk, a diverged run);
+this is where they are worded as the flags that change them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from stepdistill import config as configs
 from stepdistill.checkpoints import CheckpointError, DiskSpaceError
 from stepdistill.config import ConfigError
+from stepdistill.data.prompts import DataError
 from stepdistill.models.loading import PipelineError
 from stepdistill.trainer import DivergedError, Interrupted
 
@@ -24,7 +25,7 @@ def command_line(config_cls: type, main: Callable, prog: str) -> None:
     cfg = configs.parse(config_cls, prog=prog)
     try:
         main(cfg)
-    except (PipelineError, ConfigError) as error:
+    except (PipelineError, ConfigError, DataError) as error:
         raise SystemExit(f"error: {error}") from None
     except DivergedError as error:
         raise SystemExit(f"error: {error}. Lower --learning_rate or --max_grad_norm and resume with "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from stepdistill import config as configs
@@ -13,6 +14,7 @@ from stepdistill.data import digits
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.report import Scorers, evaluate
 from stepdistill.models.loading import PipelineError, load_pipeline
+from stepdistill.models.teacher import load_teacher
 
 
 def smoke_config(dmd2, teacher_dir, output_dir, **overrides):
@@ -67,6 +69,36 @@ def test_multi_step_student_with_backward_simulation(dmd2, tiny_pipeline_dir, tm
     dmd2.main(resumed)
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_regression_pairs_are_the_teachers_ode_solutions_from_their_noise(dmd2, tiny_pipeline_dir, tmp_path):
+    # each (noise, condition, target): the teacher pipeline's own 50-step guided DDIM sample, asked for by the
+    # prompt's text, from that noise, is the target (DMD eq. 9's pairs)
+    teacher = load_teacher(str(tiny_pipeline_dir))
+    teacher.pipeline.set_progress_bar_config(disable=True)
+    prompts = ["a handwritten digit one", "a handwritten digit two"]
+    cfg = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, num_regression_pairs=3, guidance_scale=2.0)
+    torch.manual_seed(0)
+    noise, condition, target = dmd2.regression_pairs(teacher, prompts, cfg)
+    assert noise.shape == target.shape == (3, *teacher.latent_shape)
+    encoded = teacher.encode_prompts(prompts)["prompt_embeds"]
+    for i in range(3):
+        (prompt,) = [p for p, e in zip(prompts, encoded) if torch.equal(condition["prompt_embeds"][i], e)]
+        sample = teacher.pipeline(prompt=[prompt], latents=noise[i : i + 1], num_inference_steps=50, guidance_scale=2.0,
+                                  output_type="latent").images
+        torch.testing.assert_close(target[i : i + 1], sample, rtol=1e-5, atol=1e-5)
+
+
+def test_the_regression_term_trains_in_the_recipe(dmd2, tiny_pipeline_dir, tmp_path):
+    cfg = smoke_config(dmd2, tiny_pipeline_dir, tmp_path, regression_weight=0.5, num_regression_pairs=4,
+                       gan_generator_weight=0.0, gan_critic_weight=0.0, critic_steps_per_generator_step=1,
+                       eval_num_samples=0, validation_steps=0, report_to="none", num_threads=1)
+    dmd2.main(cfg)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]
+    for row in log:
+        assert row["generator/regression"] > 0 and row["generator/loss"] == pytest.approx(
+            row["generator/dmd"] + 0.5 * row["generator/regression"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -153,6 +185,17 @@ def test_latest_passes_over_a_damaged_checkpoint_with_one_warning(dmd2, tiny_pip
     assert f"resumed from {tmp_path / 'checkpoint-2'} at step 2" in caplog.text
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [3, 4, 5]
+
+
+def test_unreadable_data_ends_in_one_line_naming_the_file(dmd2, tiny_pipeline_dir, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"the digit 1\n\xff\xfe binary\n")
+    monkeypatch.setattr("sys.argv", ["recipes/dmd2.py", "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+                                     "--prompts_file", str(prompts), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        dmd2.run.command_line(dmd2.DMD2Config, dmd2.main, prog="recipes/dmd2.py")
+    assert exit_info.value.code == f"error: {prompts}:2 is not UTF-8 text (byte 0xff); give a text file of prompts"
+    assert not (tmp_path / "out").exists()
 
 
 def test_fp16_on_the_cpu_is_refused_not_run_as_fp32(dmd2, tiny_pipeline_dir, tmp_path, monkeypatch,
