@@ -191,7 +191,8 @@ def test_unreadable_data_ends_in_one_line_naming_the_file(dmd2, tiny_pipeline_di
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"the digit 1\n\xff\xfe binary\n")
     monkeypatch.setattr("sys.argv", ["recipes/dmd2.py", "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
-                                     "--prompts_file", str(prompts), "--output_dir", str(tmp_path / "out")])
+                                     "--prompts_file", str(prompts), "--gan_generator_weight", "0",
+                                     "--gan_critic_weight", "0", "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_info:
         dmd2.run.command_line(dmd2.DMD2Config, dmd2.main, prog="recipes/dmd2.py")
     assert exit_info.value.code == f"error: {prompts}:2 is not UTF-8 text (byte 0xff); give a text file of prompts"
