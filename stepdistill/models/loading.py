@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from transformers.utils import logging as transformers_logging
 
 
@@ -23,9 +25,9 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def require_pipeline_location(name_or_path: str | Path) -> None:
-    """Refuse what cannot be a pipeline before anything is read: a missing path that is no hub id, or
-    a folder without ``model_index.json``."""
+def require_pipeline_location(name_or_path: str | Path, revision: str | None = None) -> None:
+    """Refuse what cannot be a pipeline before anything is read: a missing path that is no hub id, a
+    folder without ``model_index.json``, or a hub id that is neither in the local cache nor reachable."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.exists():
@@ -36,6 +38,26 @@ def require_pipeline_location(name_or_path: str | Path) -> None:
             )
     elif not _looks_like_hub_id(name):
         raise PipelineError(f"no pipeline at {name}: the path does not exist and is not a hub id like 'owner/model'")
+    else:
+        _require_hub_model(name, revision)
+
+
+def _require_hub_model(repo_id: str, revision: str | None) -> None:
+    """A hub model must be in the local cache or on a reachable hub; otherwise say how to get it."""
+    if huggingface_hub.try_to_load_from_cache(repo_id, "model_index.json", revision=revision) is not None:
+        return
+    download = (f"download it where there is network (`hf download {repo_id}`) and pass its folder, or point "
+                "HF_HOME at a cache that holds it")
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise PipelineError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {download}")
+    try:
+        huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise PipelineError(f"no model {repo_id}" + (f" at revision {revision}" if revision else "") + " on the Hugging "
+                            "Face Hub (a private or gated one needs `hf auth login`)") from None
+    except Exception as error:  # whatever the HTTP client raises when the hub cannot be reached
+        raise PipelineError(f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
+                            f"({type(error).__name__}: offline?): {download}") from None
 
 
 def load_pipeline(
@@ -46,7 +68,7 @@ def load_pipeline(
 ) -> DiffusionPipeline:
     """Load a text-to-image pipeline (it must have a text encoder and a UNet or transformer)."""
     name = str(name_or_path)
-    require_pipeline_location(name)
+    require_pipeline_location(name, revision)
     if Path(name).expanduser().exists():
         diffusers_logging.disable_progress_bar()  # local folders load in a blink: no bars
         transformers_logging.disable_progress_bar()

@@ -134,7 +134,7 @@ class RunConfig:
     def teacher_scheduler_config(self) -> dict:
         """The teacher's scheduler config, read without loading a model (for checks that need its T)."""
         try:
-            require_pipeline_location(self.pretrained_model_name_or_path)
+            require_pipeline_location(self.pretrained_model_name_or_path, self.revision)
         except PipelineError as error:
             raise ConfigError(f"--pretrained_model_name_or_path: {error}") from None
         try:

@@ -25,10 +25,45 @@ def test_neither_path_nor_hub_id(tmp_path, monkeypatch, name):
         load_pipeline(name)
 
 
-@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
-def test_hub_id_offline_says_to_give_a_local_folder(tmp_path, monkeypatch):
+def test_hub_id_offline_says_so_and_how_to_pass_a_local_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(PipelineError, match="local folder"):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(PipelineError) as error:
+        load_pipeline("stepdistill-tests/no-such-model")
+    assert str(error.value) == (
+        "stepdistill-tests/no-such-model is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download "
+        "it where there is network (`hf download stepdistill-tests/no-such-model`) and pass its folder, or point "
+        "HF_HOME at a cache that holds it")
+
+
+class Unreachable(Exception):
+    """Stands for the HTTP client's connection error."""
+
+
+def test_hub_id_with_the_hub_unreachable_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+    def unreachable(repo_id, **kwargs):
+        raise Unreachable("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.model_info", unreachable)
+    with pytest.raises(PipelineError, match="not in the local Hugging Face cache and the hub cannot be reached "
+                                            r"\(Unreachable: offline\?\): download it"):
+        load_pipeline("stepdistill-tests/no-such-model")
+
+
+def test_hub_id_that_does_not_exist_says_so(tmp_path, monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+    def not_found(repo_id, **kwargs):
+        raise RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its constructor wants an HTTP response
+
+    monkeypatch.setattr("huggingface_hub.model_info", not_found)
+    with pytest.raises(PipelineError, match="no model stepdistill-tests/no-such-model on the Hugging Face Hub"):
         load_pipeline("stepdistill-tests/no-such-model")
 
 
