@@ -74,7 +74,8 @@ def student_scheduler(
         if first_timestep is not None:
             raise ValueError("a flow-matching student starts from pure noise at σ = 1; first_timestep is for "
                              "variance-preserving teachers")
-        return FlowMatchLCMScheduler.from_config(teacher_scheduler.config, shift=process.shift, use_dynamic_shifting=False)
+        return FlowMatchLCMScheduler.from_config(_settings_taken_by(FlowMatchLCMScheduler, teacher_scheduler.config),
+                                                 shift=process.shift, use_dynamic_shifting=False)
     settings = dict(
         timestep_scaling=timestep_scaling, clip_sample=False, thresholding=False, set_alpha_to_one=True,
         timestep_spacing="trailing", original_inference_steps=original_inference_steps,
@@ -86,7 +87,15 @@ def student_scheduler(
         betas = teacher_scheduler.betas[: first_timestep + 1].tolist()  # already zero-SNR-rescaled if the teacher is
         settings.update(trained_betas=betas, num_train_timesteps=len(betas), original_inference_steps=len(betas),
                         rescale_betas_zero_snr=False)
-    return LCMScheduler.from_config(teacher_scheduler.config, **settings)
+    return LCMScheduler.from_config(_settings_taken_by(LCMScheduler, teacher_scheduler.config), **settings)
+
+
+def _settings_taken_by(scheduler_class: type[SchedulerMixin], config: dict) -> dict:
+    """The entries of a teacher's scheduler config that ``scheduler_class`` takes: the others (PNDM's
+    ``skip_prk_steps``, DDPM's ``variance_type``) would be saved with the student and warned about
+    whenever it loads."""
+    taken = inspect.signature(scheduler_class.__init__).parameters
+    return {key: value for key, value in config.items() if key in taken}
 
 
 def student_timesteps(scheduler: SchedulerMixin, num_steps: int, backbone: Backbone | None = None) -> tuple[float, ...]:

@@ -87,6 +87,20 @@ def test_a_student_that_starts_below_the_last_timestep_keeps_the_teachers_noise_
         export.student_scheduler(teacher, process, first_timestep=1000)
 
 
+@pytest.mark.parametrize("teacher_class, extra", [("PNDMScheduler", {"skip_prk_steps": True}),
+                                                  ("DDPMScheduler", {"variance_type": "fixed_large"})])
+def test_the_student_scheduler_keeps_only_settings_it_takes(tmp_path, capfd, teacher_class, extra):
+    import diffusers
+
+    teacher = getattr(diffusers, teacher_class)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                **extra)
+    export.student_scheduler(teacher, process_from_scheduler(teacher), first_timestep=625).save_pretrained(tmp_path)
+    loaded = diffusers.LCMScheduler.from_pretrained(tmp_path)
+    assert "not expected and will be ignored" not in capfd.readouterr().err
+    assert not set(extra) & set(json.loads((tmp_path / "scheduler_config.json").read_text()))
+    torch.testing.assert_close(loaded.alphas_cumprod, teacher.alphas_cumprod[:626], rtol=0, atol=0)
+
+
 def test_lora_critic_update_trains_the_fake_score_adapter(tiny_pipeline_dir):
     """peft's adapter switches flip requires_grad; both adapters must still receive gradients."""
     teacher, nets = perturbed_networks(tiny_pipeline_dir, use_lora=True)
