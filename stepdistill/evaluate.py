@@ -34,7 +34,7 @@ from stepdistill import export
 from stepdistill.assets import DIGITS_TEACHER
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
-from stepdistill.evaluation import report
+from stepdistill.evaluation import reference_metrics, report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.models.backbones import backbone_for
 from stepdistill.models.loading import PipelineError
@@ -77,6 +77,10 @@ class EvaluateConfig:
             raise ConfigError("FID needs both --inception_weights and --fid_reference_dir")
         if self.fid_reference_dir is not None and not Path(self.fid_reference_dir).is_dir():
             raise ConfigError(f"--fid_reference_dir {self.fid_reference_dir} is not a folder")
+        if self.inception_weights is not None:
+            reference_metrics.check_inception_weights(self.inception_weights)
+        if self.clip_model is not None:
+            reference_metrics.check_clip_model(self.clip_model)
         if self.scheduler is not None:
             scheduler_class(self.scheduler)
 
@@ -150,5 +154,5 @@ def main(argv: list[str] | None = None) -> None:
     cfg = configs.parse(EvaluateConfig, argv, prog="python -m stepdistill evaluate")
     try:
         run(cfg)
-    except (ConfigError, PipelineError, report.reference_metrics.MissingWeightsError) as error:
+    except (ConfigError, PipelineError) as error:
         raise SystemExit(f"error: {error}") from None
