@@ -34,6 +34,7 @@ from stepdistill import export
 from stepdistill.assets import DIGITS_TEACHER
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
+from stepdistill.data.prompts import DataError, read_prompts
 from stepdistill.evaluation import reference_metrics, report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.models.backbones import backbone_for
@@ -54,7 +55,8 @@ class EvaluateConfig:
     scheduler: str | None = field(None, "diffusers scheduler class to sample with, e.g. DDPMScheduler (default: the pipeline's own)")
     eval_num_samples: int = field(1000, "images per setting (digit prompts cycle 0..9), as the recipes' flag",
                                   aliases=("num_samples",))
-    prompts_file: str | None = field(None, "text file with one prompt per line, used cyclically (default: digit prompts)")
+    prompts_file: str | None = field(None, ".txt (one prompt a line) or .jsonl prompts, used cyclically (default: digit "
+                                            "prompts)")
     seed: int = field(0, "seed of the initial noise (the same for every model)")
     batch_size: int = field(250, "images per pipeline call")
     output_dir: str = field("outputs/evaluate", "where evaluation.json and the grids go")
@@ -87,9 +89,7 @@ class EvaluateConfig:
     def prompts(self) -> list[str]:
         if self.prompts_file is None:
             return digits.evaluation_prompts(self.eval_num_samples)
-        lines = [line.strip() for line in Path(self.prompts_file).read_text().splitlines() if line.strip()]
-        if not lines:
-            raise ConfigError(f"--prompts_file {self.prompts_file} has no prompts")
+        lines = read_prompts(self.prompts_file)
         return [lines[i % len(lines)] for i in range(self.eval_num_samples)]
 
 
@@ -154,5 +154,5 @@ def main(argv: list[str] | None = None) -> None:
     cfg = configs.parse(EvaluateConfig, argv, prog="python -m stepdistill evaluate")
     try:
         run(cfg)
-    except (ConfigError, PipelineError) as error:
+    except (ConfigError, PipelineError, DataError) as error:
         raise SystemExit(f"error: {error}") from None

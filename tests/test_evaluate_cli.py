@@ -151,7 +151,7 @@ def test_empty_prompts_file(tiny_pipeline_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n  \n")
     message = _error_message(["--pipeline", str(tiny_pipeline_dir), "--prompts_file", str(prompts)], capsys)
-    assert "has no prompts" in message
+    assert "holds no prompts (it is empty or only blank lines)" in message
 
 
 def test_prompts_file_is_used_cyclically(tmp_path):
