@@ -17,6 +17,8 @@ Adapters hold no weights: student, fake score and teacher are different networks
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from diffusers import (
@@ -127,8 +129,9 @@ class Backbone:
         return self.network(pipeline).config.in_channels
 
     def resolution_multiple(self, pipeline: DiffusionPipeline) -> int:
-        """Image sides must be multiples of this (the VAE's downsampling, times the patch size)."""
-        return pipeline.vae_scale_factor
+        """Image sides must be multiples of this: the VAE's downsampling, and 8, below which the SD and
+        SDXL pipelines refuse to sample."""
+        return math.lcm(pipeline.vae_scale_factor, 8)
 
     def image_seq_len(self, latent_shape: tuple[int, int, int]) -> int:
         """The image's token count (what a dynamic timestep shift depends on): latent pixels for a UNet."""

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
+from stepdistill.models.loading import PipelineError
 from stepdistill.models.teacher import load_teacher
+
+
+@pytest.mark.parametrize("resolution", [36, 20])
+def test_a_resolution_the_pipeline_cannot_sample_is_refused_in_one_line(tiny_pipeline_dir, resolution):
+    with pytest.raises(PipelineError, match=f"--resolution {resolution} is not a multiple of 8, which this "
+                                            "StableDiffusionPipeline needs"):
+        load_teacher(str(tiny_pipeline_dir), resolution=resolution)
+    assert load_teacher(str(tiny_pipeline_dir), resolution=48).latent_shape == (4, 24, 24)
 
 
 def test_over_long_prompts_are_cut_as_the_pipeline_cuts_them_with_one_warning_line(tiny_pipeline_dir, caplog, capfd):
