@@ -1,7 +1,8 @@
 """One config system for every recipe: a typed dataclass is the schema, the CLI and YAML fill it.
 
 Each field becomes ``--field_name`` (a boolean one also takes the bare form, ``--use_lora`` for
-``--use_lora true``); the field's ``help`` metadata is its help text, and its declared
+``--use_lora true``; a tuple of numbers is comma-separated, ``--steps 1,2,4``, a tuple of strings
+space-separated words, ``--validation_prompts "a cat" "a dog"``); the field's ``help`` metadata is its help text, and its declared
 range (``field(1, "...", at_least=1)``, ``greater_than``, ``below``, ``choices``) is shown there and
 checked by :func:`check_ranges` before ``validate()``. ``--config
 run.yaml`` loads values first and flags given on the command line override them. Unknown flags and
@@ -116,8 +117,20 @@ def _converter(kind: Any, optional: bool):
     return convert
 
 
+def _arity(kind: Any) -> dict:
+    """argparse's ``nargs`` for a field: a bare boolean flag means true; a tuple of strings takes one
+    value per word (quote each), as prompts contain commas; everything else takes one value."""
+    if kind is bool:
+        return {"nargs": "?", "const": True}
+    if _element_type(kind) is str:
+        return {"nargs": "+"}
+    return {}
+
+
 def _type_name(kind: Any) -> str:
     element = _element_type(kind)
+    if element is str:
+        return "TEXT"
     return f"{element.__name__.upper()},..." if element else kind.__name__.upper()
 
 
@@ -154,14 +167,15 @@ def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None =
         parser.add_argument(
             f"--{f.name}", *(f"--{alias}" for alias in f.metadata.get("aliases", ())),
             dest=f.name,
-            type=_converter(kind, optional),
-            **({"nargs": "?", "const": True} if kind is bool else {}),  # a bare --flag means true
+            type=str if _element_type(kind) is str else _converter(kind, optional),
+            **_arity(kind),
             default=argparse.SUPPRESS,
             metavar=_type_name(kind),
             help=f"{f.metadata.get('help', '')} (default: {default}"
                  + (f"; {_rules_text(f.metadata['rules'])})" if f.metadata.get("rules") else ")"),
         )
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    args = {name: tuple(value) if isinstance(value, list) else value
+            for name, value in vars(parser.parse_args(sys.argv[1:] if argv is None else argv)).items()}
     values: dict[str, Any] = {}
     config_path = args.pop("config")
     if config_path is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, is_tensorboard_available, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
 from diffusers.optimization import get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
@@ -137,18 +137,20 @@ class Progress:
         self.consecutive_skips = state["consecutive_skips"]
 
 
-def make_accelerator(mixed_precision: str | None, report_to: str, output_dir: str | Path) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str | None, report_to: str, output_dir: str | Path, logging_dir: str | Path = "logs",
+) -> Accelerator:
     """The run's ``Accelerator``; ``mixed_precision`` ``None`` leaves it to accelerate's config or
     launcher, and fp16 is refused on the CPU, where accelerate would silently run fp32. ``report_to``
-    names an accelerate tracker, ``none``, or ``auto`` (tensorboard when it is installed).
-    ``train_log.jsonl`` is written either way. Launched as several processes on a machine without
+    names an accelerate tracker, ``none``, or ``auto`` (tensorboard when it is installed), which logs
+    under ``logging_dir`` (relative to ``output_dir``); ``train_log.jsonl`` is written either way. Launched as several processes on a machine without
     CUDA, they join one gloo group (accelerate alone would run each as an independent single-process job)."""
     if report_to == "auto":
         report_to = "tensorboard" if is_tensorboard_available() else "none"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision=mixed_precision, log_with=None if report_to == "none" else report_to,
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir, logging_dir))),
         cpu=world_size > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo, not N lone runs
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":

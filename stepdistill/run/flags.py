@@ -75,9 +75,14 @@ class RunConfig:
     checkpoints_total_limit: int = field(2, "keep this many checkpoints", at_least=1)
     resume_from_checkpoint: str | None = field(None, "'latest' (the newest intact checkpoint in --output_dir; none yet: "
                                                      "a fresh start), a checkpoint folder, or its name in --output_dir")
+    allow_tf32: bool = field(False, "let Ampere+ GPUs run fp32 matmuls and convolutions in TF32 (faster, ~3 digits)")
     # monitoring and evaluation
     report_to: str = field("auto", "accelerate tracker, none, or auto: tensorboard if installed", choices=TRACKERS)
+    tracker_project_name: str | None = field(None, "the trackers' project / run name (default: stepdistill-<recipe>)")
+    logging_dir: str = field("logs", "where the trackers write (TensorBoard), relative to --output_dir")
     validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)", at_least=0)
+    validation_prompts: tuple[str, ...] | None = field(None, "prompts of the validation grid, each quoted (default: "
+                                                           "the scored digit prompts, or 16 training prompts)")
     num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a 16-image "
                                              "grid)", at_least=1)
     eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher; 0: none)",

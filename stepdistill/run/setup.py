@@ -30,8 +30,10 @@ def start(cfg: RunConfig) -> Accelerator:
     ``config.json`` records what ran."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("stepdistill").setLevel(logging.INFO)
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir, cfg.logging_dir)
     cfg.mixed_precision = accelerator.mixed_precision
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     require_data_parallel(accelerator)
     set_cpu_threads(accelerator, cfg.num_threads)
     set_seed(cfg.seed)
@@ -44,7 +46,7 @@ def open_output(cfg: RunConfig, accelerator: Accelerator, name: str) -> None:
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         configs.save(cfg, Path(cfg.output_dir) / "config.json")
-    accelerator.init_trackers(f"stepdistill-{name}", config={k: str(v) if v is None else v for k, v in vars(cfg).items()})
+    accelerator.init_trackers(cfg.tracker_project_name or f"stepdistill-{name}", config={k: str(v) if v is None else v for k, v in vars(cfg).items()})
 
 
 @dataclass

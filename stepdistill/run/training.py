@@ -29,9 +29,12 @@ def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) ->
 def make_validator(
     cfg: RunConfig, teacher: Teacher, student: StudentModel, timesteps: tuple[int, ...], prompts: list[str]
 ) -> StudentValidator | None:
-    """Validation every ``validation_steps``: FD-digits on the digits, a 16-prompt grid otherwise."""
+    """Validation every ``validation_steps``: a grid of ``--validation_prompts`` when given, else
+    FD-digits on the digits, else a grid of 16 training prompts."""
     if not cfg.validation_steps:
         return None
+    if cfg.validation_prompts:
+        return StudentValidator(teacher, student, timesteps, list(cfg.validation_prompts), cfg.output_dir, seed=cfg.seed)
     if scores_digits(cfg, teacher):
         return StudentValidator(teacher, student, timesteps, digits.evaluation_prompts(cfg.num_validation_images),
                                 cfg.output_dir, evaluator=DigitsEvaluator(), seed=cfg.seed)

@@ -225,3 +225,25 @@ def test_dry_run_validates_and_exits(dmd2, tmp_path, capsys):
     dmd2.main(configs.parse(dmd2.DMD2Config, ["--dry_run", "true", "--output_dir", str(tmp_path / "dry")]))
     assert "flags are valid" in capsys.readouterr().out
     assert not (tmp_path / "dry").exists()
+
+
+def test_validation_prompts_make_the_validation_grid(dmd2, tiny_pipeline_dir, tmp_path):
+    from stepdistill import run
+    from stepdistill.models.denoiser import Denoiser
+    from stepdistill.models.teacher import load_teacher
+
+    prompts = ("the digit 1, written small", "the digit 2")
+    cfg = configs.parse(dmd2.DMD2Config, ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--output_dir",
+                                          str(tmp_path), "--validation_prompts", *prompts])
+    assert cfg.validation_prompts == prompts  # one flag value per quoted prompt, commas kept
+    teacher = load_teacher(str(tiny_pipeline_dir))
+    validator = run.make_validator(cfg, teacher, Denoiser(teacher.network, teacher.process), (999,), ["a training prompt"])
+    assert validator.prompts == list(prompts) and validator.evaluator is None
+    assert validator(3) == {} and (tmp_path / "validation" / "step-3.png").is_file()
+
+
+def test_trackers_log_under_logging_dir_in_the_output_folder(tmp_path):
+    from stepdistill.trainer import make_accelerator
+
+    accelerator = make_accelerator(None, "none", tmp_path, "tensorboard")
+    assert accelerator.logging_dir == str(tmp_path / "tensorboard")
