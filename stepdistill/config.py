@@ -1,13 +1,14 @@
 """One config system for every recipe: a typed dataclass is the schema, the CLI and YAML fill it.
 
-Each field becomes ``--field_name`` (a boolean one also takes the bare form, ``--use_lora`` for
-``--use_lora true``; a tuple of numbers is comma-separated, ``--steps 1,2,4``, a tuple of strings
-space-separated words, ``--validation_prompts "a cat" "a dog"``); the field's ``help`` metadata is its help text, and its declared
-range (``field(1, "...", at_least=1)``, ``greater_than``, ``below``, ``choices``) is shown there and
-checked by :func:`check_ranges` before ``validate()``. ``--config
-run.yaml`` loads values first and flags given on the command line override them. Unknown flags and
-unknown YAML keys are errors, and ``validate()`` on the dataclass (when it has one) runs before any
-model is loaded, so a bad value fails in the first second with a message that names the flag.
+Each field becomes ``--field_name``: a boolean one also takes the bare form (``--use_lora`` for
+``--use_lora true``), a tuple of numbers is comma-separated (``--steps 1,2,4``), a tuple of strings
+takes one quoted word each (``--validation_prompts "a cat" "a dog"``). The field's ``help`` metadata
+is its help text, and its declared range (``field(1, "...", at_least=1)``, ``greater_than``,
+``below``, ``choices``) is shown there and checked by :func:`check_ranges` before ``validate()``.
+``--config run.yaml`` (or the name of a preset) loads values first and flags given on the command
+line override them. Unknown flags and unknown YAML keys are errors, and ``validate()`` on the
+dataclass (when it has one) runs before any model is loaded, so a bad value fails in the first
+second with a message that names the flag.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 C = TypeVar("C")
 
@@ -156,11 +159,17 @@ def _coerce(name: str, kind: Any, optional: bool, value: Any) -> Any:
     return value
 
 
-def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None = None) -> C:
-    """Build ``config_cls`` from ``--config`` YAML and command-line flags, then validate it."""
+def parse(
+    config_cls: type[C], argv: list[str] | None = None, prog: str | None = None, presets_dir: Path | None = None,
+) -> C:
+    """Build ``config_cls`` from ``--config`` YAML and command-line flags, then validate it.
+    ``--config`` takes a YAML file or the name of one in ``presets_dir`` (``--config dmd2_4step``)."""
     hints = typing.get_type_hints(config_cls)
     parser = argparse.ArgumentParser(prog=prog, description=config_cls.__doc__, allow_abbrev=False)
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of field values; flags override it")
+    presets = sorted(p.stem for p in presets_dir.glob("*.yaml")) if presets_dir is not None else []
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML file of field values" + (f", or a preset: {', '.join(presets)}" if presets else "")
+                             + "; flags override it")
     for f in dataclasses.fields(config_cls):
         kind, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -179,7 +188,9 @@ def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None =
     values: dict[str, Any] = {}
     config_path = args.pop("config")
     if config_path is not None:
-        values.update(_load_yaml(config_path, config_cls, hints))
+        if not config_path.is_file() and str(config_path) in presets:
+            config_path = presets_dir / f"{config_path}.yaml"
+        values.update(_load_yaml(config_path, config_cls, hints, presets))
     values.update(args)
     try:
         config = config_cls(**values)
@@ -192,14 +203,14 @@ def parse(config_cls: type[C], argv: list[str] | None = None, prog: str | None =
     return config
 
 
-def _load_yaml(path: Path, config_cls: type, hints: dict[str, Any]) -> dict[str, Any]:
+def _load_yaml(path: Path, config_cls: type, hints: dict[str, Any], presets: list[str]) -> dict[str, Any]:
     if not path.is_file():
-        raise SystemExit(f"error: --config {path} does not exist")
+        raise SystemExit(f"error: --config {path} does not exist" + (f" and is not a preset ({', '.join(presets)})"
+                                                                     if presets else ""))
     try:
-        import yaml
-    except ImportError:
-        raise SystemExit("error: --config needs PyYAML: pip install pyyaml") from None
-    loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: --config {path} is not readable YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
         raise SystemExit(f"error: --config {path} must hold a mapping of field names to values")
     known = {f.name for f in dataclasses.fields(config_cls)}

@@ -32,7 +32,8 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from stepdistill import config as configs
-from stepdistill.bench import BENCHMARKED_RECIPES, RECIPES_DIR, RecipeFailed, command_main, machine
+from stepdistill.assets import RECIPES_DIR
+from stepdistill.bench import BENCHMARKED_RECIPES, RecipeFailed, command_main, machine
 from stepdistill.config import ConfigError, field
 from stepdistill.models import tiny_sd
 

@@ -72,3 +72,29 @@ def test_bench_refuses_bad_input(changes, message, tmp_path):
     cfg = bench.BenchConfig(output_dir=str(tmp_path / "bench"), **changes)
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+@pytest.mark.slow
+def test_an_installed_package_runs_its_own_recipes_and_presets(tmp_path):
+    """A non-editable install (what `pip install stepdistill` gives) carries the recipes and presets."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(site), str(root)], check=True, capture_output=True)
+    environment = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    located = subprocess.run(
+        [sys.executable, "-c", "from stepdistill.assets import PRESETS_DIR, RECIPES_DIR; print(RECIPES_DIR, PRESETS_DIR)"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, check=True).stdout.split()
+    assert located == [str(site / "stepdistill" / "recipes"), str(site / "stepdistill" / "recipes" / "configs")]
+    assert (site / "stepdistill" / "recipes" / "configs" / "dmd2_4step.yaml").is_file()
+    refused = subprocess.run([sys.executable, "-m", "stepdistill", "bench", "--recipes", "dmd3"], cwd=tmp_path,
+                             env=environment, capture_output=True, text=True)
+    assert f"no recipe 'dmd3' ({site / 'stepdistill' / 'recipes'} holds consistency, dmd2, sid" in refused.stderr
+    dry = subprocess.run([sys.executable, str(site / "stepdistill" / "recipes" / "sid.py"), "--config", "sid_4step",
+                          "--dry_run", "--output_dir", str(tmp_path / "run")], cwd=tmp_path, env=environment,
+                         capture_output=True, text=True)
+    assert "flags are valid" in dry.stdout, dry.stderr

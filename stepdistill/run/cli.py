@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from stepdistill import config as configs
+from stepdistill.assets import PRESETS_DIR
 from stepdistill.checkpoints import CheckpointError, DiskSpaceError
 from stepdistill.config import ConfigError
 from stepdistill.data.prompts import DataError
@@ -22,7 +23,7 @@ def command_line(config_cls: type, main: Callable, prog: str) -> None:
     """A recipe's ``__main__``: parse the flags into ``config_cls``, run ``main``; bad input ends
     with one ``error:`` line (exit status 1) instead of a traceback, and so does a diverged run.
     Ctrl-C ends with a line saying how to resume (exit status 130)."""
-    cfg = configs.parse(config_cls, prog=prog)
+    cfg = configs.parse(config_cls, prog=prog, presets_dir=PRESETS_DIR)
     try:
         main(cfg)
     except (PipelineError, ConfigError, DataError) as error:

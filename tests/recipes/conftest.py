@@ -1,18 +1,18 @@
-"""The recipes, imported as modules (they are scripts in ``recipes/``, not a package)."""
+"""The recipes, imported from their files as the scripts they are (each under its own module name)."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+from stepdistill.assets import RECIPES_DIR
+
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve the config's annotations through sys.modules
     try:

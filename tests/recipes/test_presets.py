@@ -1,0 +1,42 @@
+"""The tuned settings ship as presets (``recipes/configs/<recipe>_<name>.yaml``, ``--config <name>``): each
+loads into its recipe, passes the recipe's checks, and says in a comment what it measured (or that it
+was not run here)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from stepdistill import config as configs
+from stepdistill.assets import PRESETS_DIR
+
+PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
+CONFIG_CLASSES = {"dmd2": "DMD2Config", "sid": "SiDConfig", "consistency": "ConsistencyConfig"}
+
+
+def test_the_readmes_tuned_commands_ship_as_presets():
+    assert {p.stem for p in PRESETS} >= {"dmd2_4step", "sid_4step", "consistency_one_segment", "dmd2_sd15",
+                                         "consistency_lcm_lora_sd15"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_a_preset_loads_by_name_into_its_recipe_and_validates(preset, request, tiny_pipeline_dir, tmp_path, capsys):
+    recipe_name = preset.stem.split("_")[0]
+    recipe = request.getfixturevalue(recipe_name)
+    text = preset.read_text()
+    assert f"recipes/{recipe_name}.py --config {preset.stem}" in text  # the comment shows how to launch it
+    assert "Measured" in text or "Not run from this repository" in text
+    values = yaml.safe_load(text)
+    overrides = {"pretrained_model_name_or_path": str(tiny_pipeline_dir), "output_dir": str(tmp_path / "run")}
+    cfg = configs.parse(getattr(recipe, CONFIG_CLASSES[recipe_name]), [
+        "--config", preset.stem, *(f"--{k}={v}" for k, v in overrides.items()), "--dry_run"], presets_dir=PRESETS_DIR)
+    for key, value in values.items():
+        if key not in overrides:
+            assert getattr(cfg, key) == value, key
+    recipe.main(cfg)  # --dry_run: the recipe's own checks, then exit
+    assert "flags are valid" in capsys.readouterr().out
+
+
+def test_an_unknown_config_lists_the_presets(dmd2, capsys):
+    with pytest.raises(SystemExit, match="--config dmd2_8step does not exist and is not a preset .*dmd2_4step"):
+        configs.parse(dmd2.DMD2Config, ["--config", "dmd2_8step"], presets_dir=PRESETS_DIR)
