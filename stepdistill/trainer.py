@@ -195,6 +195,19 @@ def average_gradients(parameters: list[nn.Parameter], accelerator: Accelerator) 
         grad.copy_(averaged.view_as(grad))
 
 
+@contextmanager
+def frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """While open, ``parameters`` take no gradient; their ``requires_grad`` flags come back after."""
+    trainable = [param.requires_grad for param in parameters]
+    for param in parameters:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(parameters, trainable):
+            param.requires_grad_(flag)
+
+
 def set_cpu_threads(accelerator: Accelerator, num_threads: int = 0) -> None:
     """On CPU, give torch ``num_threads`` threads (0: the machine's cores shared among the processes).
 
@@ -256,17 +269,21 @@ class Trainer:
 
     # -- one update -------------------------------------------------------------------------
     def _update(self, role: str, loss_fn: Callable[[Batch], Losses], optimizer, parameters) -> Losses | None:
-        """Accumulate gradients over micro-batches, clip, step; ``None`` if the loss was not finite."""
+        """Accumulate gradients over micro-batches, clip, step; ``None`` if the loss was not finite.
+        The other role's weights are frozen meanwhile: a student loss that reads the critic (a GAN
+        term) computes no gradient for it, and a critic loss none for the student."""
         optimizer.zero_grad(set_to_none=True)
         totals: Losses = {}
+        others = self.critic_parameters if role == "generator" else self.generator_parameters
         for _ in range(self.cfg.gradient_accumulation_steps):
-            with self.accelerator.autocast():
-                losses = loss_fn(self.next_batch())
-            if not self._finite_everywhere(losses["loss"]):
-                optimizer.zero_grad(set_to_none=True)
-                self._skip_update(role)
-                return None
-            self.accelerator.backward(losses["loss"] / self.cfg.gradient_accumulation_steps)
+            with frozen(others):
+                with self.accelerator.autocast():
+                    losses = loss_fn(self.next_batch())
+                if not self._finite_everywhere(losses["loss"]):
+                    optimizer.zero_grad(set_to_none=True)
+                    self._skip_update(role)
+                    return None
+                self.accelerator.backward(losses["loss"] / self.cfg.gradient_accumulation_steps)
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() / self.cfg.gradient_accumulation_steps
         average_gradients(parameters, self.accelerator)

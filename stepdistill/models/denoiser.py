@@ -24,19 +24,20 @@ def select_adapter(network: nn.Module, adapter: str | None) -> None:
     """Switch a peft network to ``adapter`` alone (``None``: the base weights, adapters off).
 
     peft's switches also flip ``requires_grad`` (on for the active adapter, off for the rest).
-    Autograd reads that flag at backward time, after other denoisers have switched again, so we set
-    every LoRA weight back to trainable: which weights an update changes is the optimiser's business.
+    Autograd reads that flag at backward time, after other denoisers have switched again, so every
+    LoRA weight keeps the flag it had: which weights take gradient is the trainer's business (it
+    freezes the other role's weights for each update).
     """
     if not getattr(network, "_hf_peft_config_loaded", False):
         return
+    lora = [(param, param.requires_grad) for name, param in network.named_parameters() if ".lora_" in name]
     if adapter is None:
         network.disable_adapters()
     else:
         network.enable_adapters()
         network.set_adapter(adapter)
-    for name, param in network.named_parameters():
-        if ".lora_" in name:
-            param.requires_grad_(True)
+    for param, trainable in lora:
+        param.requires_grad_(trainable)
 
 
 @dataclass

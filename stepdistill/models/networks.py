@@ -143,6 +143,8 @@ def build_networks(
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for adapter in adapters:
                 teacher_network.add_adapter(lora_config(lora_rank, backbone.lora_target_modules), adapter_name=adapter)
+        for name, param in teacher_network.named_parameters():
+            param.requires_grad_(".lora_" in name)  # every adapter trainable, the base frozen
         select_adapter(teacher_network, STUDENT)
         student_network = fake_network = teacher_network
     else:
