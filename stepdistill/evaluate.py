@@ -120,7 +120,7 @@ def run(cfg: EvaluateConfig) -> list[report.Result]:
     guidance_scales = cfg.guidance_scale or (loaded.get("student_guidance_scale", 1.0),)
     if cfg.scheduler is not None:
         pipe.scheduler = scheduler_class(cfg.scheduler).from_config(pipe.scheduler.config)
-    image_size = backbone_for(pipe).default_resolution(pipe)
+    image_size = loaded.get("student_resolution") or backbone_for(pipe).default_resolution(pipe)
     use_digits = report.are_digit_prompts(prompts) and image_size == digits.IMAGE_SIZE
     if not use_digits and cfg.inception_weights is None and cfg.clip_model is None:
         raise ConfigError(
@@ -136,7 +136,7 @@ def run(cfg: EvaluateConfig) -> list[report.Result]:
     output_dir = Path(cfg.output_dir)
     results = report.evaluate(
         pipe, Path(cfg.pipeline).name or cfg.pipeline, cfg.num_inference_steps, guidance_scales,
-        prompts, scorers, output_dir=output_dir, seed=cfg.seed, batch_size=cfg.batch_size,
+        prompts, scorers, output_dir=output_dir, seed=cfg.seed, batch_size=cfg.batch_size, resolution=image_size,
     )
     extra = {"pipeline": cfg.pipeline, **loaded, "scheduler": type(pipe.scheduler).__name__}
     print("scored " + ", ".join(f"{key} {value}" for key, value in extra.items()))

@@ -116,11 +116,12 @@ STUDENT_METADATA = "stepdistill_student.json"
 
 def _write_metadata(
     output_dir: Path, num_steps: int, timesteps: tuple[float, ...], kind: str, guidance_scale: float,
-    scheduler: SchedulerMixin, base_model: str | None = None,
+    scheduler: SchedulerMixin, resolution: int | None, base_model: str | None = None,
 ) -> None:
     info = {
         "format": kind,
         **({"base_model": base_model} if base_model else {}),
+        **({"resolution": resolution} if resolution else {}),
         "num_inference_steps": num_steps,
         "timesteps": list(timesteps),
         **({"sigmas": [round(s, 7) for s in scheduler.sigmas[:-1].tolist()]} if hasattr(scheduler, "sigmas") else {}),
@@ -137,12 +138,17 @@ def export_full(
     num_steps: int,
     scheduler: SchedulerMixin,
     guidance_scale: float = 1.0,
+    resolution: int | None = None,
 ) -> Path:
     """Save the teacher's pipeline with the student's network (UNet or transformer) and the student
     ``scheduler`` (:func:`student_scheduler`); ``guidance_scale`` is the one to sample at (1 unless the
-    network takes it as an input)."""
+    network takes it as an input). ``resolution``, the side the student was trained at, is recorded
+    and becomes the pipeline's default size where the network's config holds one (UNets, SD3;
+    a Flux pipeline's default is fixed: pass ``height``/``width``)."""
     output_dir = Path(output_dir)
     backbone = adapter_for(student_network)
+    if resolution and "sample_size" in student_network.config:
+        student_network.register_to_config(sample_size=resolution // teacher_pipeline.vae_scale_factor)
     timesteps = student_timesteps(scheduler, num_steps, backbone)
     components = {**teacher_pipeline.components, backbone.component: student_network, "scheduler": scheduler}
     pipeline_class = type(teacher_pipeline)
@@ -152,7 +158,7 @@ def export_full(
     }
     student_pipeline = pipeline_class(**components, **settings)
     student_pipeline.save_pretrained(output_dir, safe_serialization=True)
-    _write_metadata(output_dir, num_steps, timesteps, "full", guidance_scale, scheduler)
+    _write_metadata(output_dir, num_steps, timesteps, "full", guidance_scale, scheduler, resolution)
     return output_dir
 
 
@@ -163,9 +169,11 @@ def export_lora(
     output_dir: str | Path,
     num_steps: int,
     scheduler: SchedulerMixin,
+    resolution: int | None = None,
 ) -> Path:
     """Save one peft adapter of ``network`` (UNet or transformer) as diffusers LoRA weights plus the
-    student ``scheduler`` (:func:`student_scheduler`)."""
+    student ``scheduler`` (:func:`student_scheduler`); ``resolution``, the side it was trained at, is
+    recorded (the base decides the pipeline's default size)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     backbone = adapter_for(network)
@@ -173,7 +181,7 @@ def export_lora(
     backbone.save_lora_weights(teacher_pipeline, output_dir, state)
     scheduler.save_pretrained(output_dir / "scheduler")
     _write_metadata(output_dir, num_steps, student_timesteps(scheduler, num_steps, backbone), "lora", 1.0, scheduler,
-                    base_model=teacher_pipeline.name_or_path)
+                    resolution, base_model=teacher_pipeline.name_or_path)
     return output_dir
 
 
@@ -225,14 +233,16 @@ def load_any(
     * a pipeline folder or hub id, as it is.
 
     The description holds ``loaded`` (student, lora, pipeline), ``base_model`` where a LoRA went onto
-    one, and a student's recorded ``student_guidance_scale`` and ``student_num_inference_steps``.
+    one, and a student's recorded ``student_guidance_scale``, ``student_num_inference_steps`` and
+    ``student_resolution`` (the side it was trained at).
     """
     path = Path(name_or_path).expanduser()
     if (path / STUDENT_METADATA).is_file():
         info = json.loads((path / STUDENT_METADATA).read_text())
         pipe, guidance_scale = load_student(path, base_model, revision, variant)
         described = {"loaded": f"student ({info['format']})", "student_guidance_scale": guidance_scale,
-                     "student_num_inference_steps": info["num_inference_steps"]}
+                     "student_num_inference_steps": info["num_inference_steps"],
+                     **({"student_resolution": info["resolution"]} if "resolution" in info else {})}
         if info["format"] == "lora":
             described["base_model"] = str(base_model or info.get("base_model"))
         return pipe, described

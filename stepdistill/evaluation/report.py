@@ -57,12 +57,15 @@ def evaluate(
     output_dir: Path | None = None,
     seed: int = 0,
     batch_size: int = 250,
+    resolution: int | None = None,
 ) -> list[Result]:
-    """Score ``pipe`` at every (steps, guidance) pair; write a grid per pair into ``output_dir``."""
+    """Score ``pipe`` at every (steps, guidance) pair, sampling ``resolution`` px (default: the
+    pipeline's own); write a grid per pair into ``output_dir``."""
     results = []
     for guidance_scale in guidance_scales:
         for num_steps in steps:
-            images, seconds = generate(pipe, prompts, num_steps, guidance_scale, seed=seed, batch_size=batch_size)
+            images, seconds = generate(pipe, prompts, num_steps, guidance_scale, seed=seed, batch_size=batch_size,
+                                       resolution=resolution)
             result = Result(
                 model=model,
                 num_inference_steps=num_steps,

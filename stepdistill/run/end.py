@@ -45,10 +45,11 @@ def export_student(
     student_network = trainer.accelerator.unwrap_model(student_network)
     student_dir = Path(cfg.output_dir) / "student"
     if cfg.use_lora:
-        export.export_lora(teacher.pipeline, student_network, adapter, student_dir, cfg.num_student_steps, scheduler)
+        export.export_lora(teacher.pipeline, student_network, adapter, student_dir, cfg.num_student_steps, scheduler,
+                           teacher.resolution)
     else:
         export.export_full(teacher.pipeline, student_network, student_dir, cfg.num_student_steps, scheduler,
-                           guidance_scale)
+                           guidance_scale, teacher.resolution)
     steps = trainer.progress.step
     print(f"trained {steps} step{'' if steps == 1 else 's'} in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
     return student_dir

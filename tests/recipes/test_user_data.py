@@ -1,7 +1,7 @@
 """The non-digits data path end to end, at sizes other than the digits' 32 px: ``--prompts_file`` on a teacher
 whose own size is 48 px, and ``--train_data_dir`` (diffusers' ImageFolder layout: images and a
 ``metadata.jsonl`` of ``file_name`` and ``text``) at ``--resolution 64``. Each trains two steps, and its
-export loads in plain diffusers and samples at the size it was trained at."""
+export loads in plain diffusers and samples, by default, at the size it was trained at."""
 
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ def test_an_image_folder_trains_at_the_resolution_flag(request, name, tiny_pipel
     if name == "dmd2":
         assert all(np.isfinite(row["critic/gan_critic"]) for row in log)
     assert_trained_and_finite(tmp_path / "student", tiny_pipeline_dir)
-    pipe, guidance_scale = export.load_student(tmp_path / "student")
+    pipe, described = export.load_any(tmp_path / "student")
+    assert described["student_resolution"] == 64  # recorded, for `evaluate` to sample at
     pipe.set_progress_bar_config(disable=True)
-    sampled, _ = generate(pipe, CAPTIONS[:2], cfg.num_student_steps, guidance_scale, resolution=64)
-    assert sampled.shape == (2, 3, 64, 64) and torch.isfinite(sampled).all()
+    sampled, _ = generate(pipe, CAPTIONS[:2], cfg.num_student_steps, described["student_guidance_scale"])
+    assert sampled.shape == (2, 3, 64, 64) and torch.isfinite(sampled).all()  # plain diffusers' default size
