@@ -52,13 +52,13 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def find_checkpoint(output_dir: str | Path, request: str) -> Path | None:
+def find_checkpoint(output_dir: str | Path, request: str, warn: bool = True) -> Path | None:
     """Resolve a resume request to a complete checkpoint folder, as diffusers' training scripts do.
 
-    ``latest`` takes the newest complete checkpoint in ``output_dir``, warning (one line each) about
-    newer damaged ones it passes over, and is ``None`` when the run has no checkpoint yet (a fresh
-    start). Any other request is a folder, or a folder name inside ``output_dir``, and must be
-    complete. Raises :class:`CheckpointError` otherwise.
+    ``latest`` takes the newest complete checkpoint in ``output_dir``, warning (one line each, unless
+    ``warn`` is false) about newer damaged ones it passes over, and is ``None`` when the run has no
+    checkpoint yet (a fresh start). A bare name (``checkpoint-40``) is a folder in ``output_dir``; any
+    other request a folder path; either must be complete. Raises :class:`CheckpointError` otherwise.
     """
     if request == "latest":
         folders = list_checkpoints(output_dir)
@@ -66,15 +66,14 @@ def find_checkpoint(output_dir: str | Path, request: str) -> Path | None:
             problem = checkpoint_problem(folder)
             if problem is None:
                 return folder
-            logger.warning(f"skipping damaged checkpoint {folder}: {problem}")
+            if warn:
+                logger.warning(f"skipping damaged checkpoint {folder}: {problem}")
         if folders:
             raise CheckpointError(f"every checkpoint in {output_dir} is damaged")
         return None
-    path = Path(request)
-    if not path.is_dir() and (Path(output_dir) / request).is_dir():
-        path = Path(output_dir) / request
+    path = Path(output_dir) / request if len(Path(request).parts) == 1 else Path(request)
     if not path.is_dir():
-        raise CheckpointError(f"no checkpoint folder {request} (neither a path nor a folder in {output_dir})")
+        raise CheckpointError(f"no checkpoint folder {path}")
     problem = checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(f"{path} is damaged: {problem}; give an older checkpoint or 'latest' "

@@ -1,8 +1,8 @@
 """One config system for every recipe: a typed dataclass is the schema, the CLI and YAML fill it.
 
 Each field becomes ``--field_name``: a boolean one also takes the bare form (``--use_lora`` for
-``--use_lora true``), a tuple of numbers is comma-separated (``--steps 1,2,4``), a tuple of strings
-takes one quoted word each (``--validation_prompts "a cat" "a dog"``). The field's ``help`` metadata
+``--use_lora true``), a tuple is comma-separated (``--steps 1,2,4``) unless declared
+``one_per_argument`` (prompts: ``--validation_prompts "a cat, sitting" "a dog"``). The field's ``help`` metadata
 is its help text, and its declared range (``field(1, "...", at_least=1)``, ``greater_than``,
 ``below``, ``choices``) is shown there and checked by :func:`check_ranges` before ``validate()``.
 ``--config run.yaml`` (or the name of a preset) loads values first and flags given on the command
@@ -34,14 +34,16 @@ class ConfigError(ValueError):
 
 def field(
     default: Any, help: str, *, at_least: float | None = None, greater_than: float | None = None,
-    below: float | None = None, choices: tuple | None = None, aliases: tuple[str, ...] = (), **kwargs: Any,
+    below: float | None = None, choices: tuple | None = None, aliases: tuple[str, ...] = (),
+    one_per_argument: bool = False, **kwargs: Any,
 ) -> Any:
     """A dataclass field with its help text and its allowed values (both shown by ``--help``): ``x ≥ at_least``,
     ``x > greater_than``, ``x < below``, ``x in choices`` (``None`` passes every range of an optional field);
-    ``aliases`` are other flag names for it (``("num_samples",)`` → ``--num_samples``)."""
+    ``aliases`` are other flag names for it (``("num_samples",)`` → ``--num_samples``); a tuple field with
+    ``one_per_argument`` takes each value as its own argument instead of comma-separated (prompts)."""
     rules = {key: value for key, value in (("at_least", at_least), ("greater_than", greater_than), ("below", below),
                                            ("choices", choices)) if value is not None}
-    metadata = {"help": help, "rules": rules, "aliases": aliases}
+    metadata = {"help": help, "rules": rules, "aliases": aliases, "one_per_argument": one_per_argument}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -120,20 +122,20 @@ def _converter(kind: Any, optional: bool):
     return convert
 
 
-def _arity(kind: Any) -> dict:
-    """argparse's ``nargs`` for a field: a bare boolean flag means true; a tuple of strings takes one
-    value per word (quote each), as prompts contain commas; everything else takes one value."""
+def _arity(kind: Any, one_per_argument: bool) -> dict:
+    """argparse's ``nargs`` for a field: a bare boolean flag means true, a ``one_per_argument`` tuple takes
+    one value per argument, everything else one (comma-separated for a tuple)."""
     if kind is bool:
         return {"nargs": "?", "const": True}
-    if _element_type(kind) is str:
+    if one_per_argument:
         return {"nargs": "+"}
     return {}
 
 
-def _type_name(kind: Any) -> str:
+def _type_name(kind: Any, one_per_argument: bool) -> str:
     element = _element_type(kind)
-    if element is str:
-        return "TEXT"
+    if one_per_argument:
+        return element.__name__.upper()
     return f"{element.__name__.upper()},..." if element else kind.__name__.upper()
 
 
@@ -160,26 +162,28 @@ def _coerce(name: str, kind: Any, optional: bool, value: Any) -> Any:
 
 
 def parse(
-    config_cls: type[C], argv: list[str] | None = None, prog: str | None = None, presets_dir: Path | None = None,
+    config_cls: type[C], argv: list[str] | None = None, prog: str | None = None,
+    presets: dict[str, Path] | None = None,
 ) -> C:
     """Build ``config_cls`` from ``--config`` YAML and command-line flags, then validate it.
-    ``--config`` takes a YAML file or the name of one in ``presets_dir`` (``--config dmd2_4step``)."""
+    ``--config`` takes a YAML file or the name of one of ``presets`` (``--config dmd2_4step``)."""
     hints = typing.get_type_hints(config_cls)
     parser = argparse.ArgumentParser(prog=prog, description=config_cls.__doc__, allow_abbrev=False)
-    presets = sorted(p.stem for p in presets_dir.glob("*.yaml")) if presets_dir is not None else []
+    presets = presets or {}
     parser.add_argument("--config", type=Path, default=None,
-                        help="YAML file of field values" + (f", or a preset: {', '.join(presets)}" if presets else "")
-                             + "; flags override it")
+                        help="YAML file of field values" + (f", or a preset: {', '.join(sorted(presets))}" if presets
+                                                            else "") + "; flags override it")
     for f in dataclasses.fields(config_cls):
         kind, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        one_per_argument = f.metadata.get("one_per_argument", False)
         parser.add_argument(
             f"--{f.name}", *(f"--{alias}" for alias in f.metadata.get("aliases", ())),
             dest=f.name,
-            type=str if _element_type(kind) is str else _converter(kind, optional),
-            **_arity(kind),
+            type=_element_type(kind) if one_per_argument else _converter(kind, optional),
+            **_arity(kind, one_per_argument),
             default=argparse.SUPPRESS,
-            metavar=_type_name(kind),
+            metavar=_type_name(kind, one_per_argument),
             help=f"{f.metadata.get('help', '')} (default: {default}"
                  + (f"; {_rules_text(f.metadata['rules'])})" if f.metadata.get("rules") else ")"),
         )
@@ -189,7 +193,7 @@ def parse(
     config_path = args.pop("config")
     if config_path is not None:
         if not config_path.is_file() and str(config_path) in presets:
-            config_path = presets_dir / f"{config_path}.yaml"
+            config_path = presets[str(config_path)]
         values.update(_load_yaml(config_path, config_cls, hints, presets))
     values.update(args)
     try:
@@ -203,10 +207,10 @@ def parse(
     return config
 
 
-def _load_yaml(path: Path, config_cls: type, hints: dict[str, Any], presets: list[str]) -> dict[str, Any]:
+def _load_yaml(path: Path, config_cls: type, hints: dict[str, Any], presets: dict[str, Path]) -> dict[str, Any]:
     if not path.is_file():
-        raise SystemExit(f"error: --config {path} does not exist" + (f" and is not a preset ({', '.join(presets)})"
-                                                                     if presets else ""))
+        raise SystemExit(f"error: --config {path} does not exist" + (
+            f" and is not a preset ({', '.join(sorted(presets))})" if presets else ""))
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:

@@ -62,6 +62,17 @@ def test_a_bare_boolean_flag_means_true():
     assert cfg.flag is True and cfg.batch_size == 2
 
 
+@dataclass
+class TextConfig:
+    names: tuple[str, ...] = field(("a",), "comma-separated names")
+    prompts: tuple[str, ...] | None = field(None, "prompts, one per argument", one_per_argument=True)
+
+
+def test_string_tuples_are_comma_separated_unless_one_per_argument():
+    cfg = configs.parse(TextConfig, ["--names", "dmd2,sid", "--prompts", "a cat, sitting", "a dog"])
+    assert cfg.names == ("dmd2", "sid") and cfg.prompts == ("a cat, sitting", "a dog")
+
+
 def test_optional_string_keeps_other_text():
     assert configs.parse(ToyConfig, ["--name", "teacher_v2"]).name == "teacher_v2"
 

@@ -38,6 +38,7 @@ class CountingMethod:
 
 
 def make_trainer(tmp_path, critic_steps=3, steps=4, accumulation=1, poison_step=None, validate=None, **overrides):
+    torch.manual_seed(0)  # every trainer starts from the same weights, whatever ran before
     generator, critic = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
     method = CountingMethod(critic_steps, generator, critic, poison_step)
     cfg = TrainerConfig(output_dir=str(tmp_path), max_train_steps=steps, learning_rate=0.1, critic_learning_rate=0.1,
@@ -178,8 +179,16 @@ def test_latest_resolves_names_in_the_output_folder_and_starts_afresh_without_ch
         trainer.fit()
     assert trainer.progress.step == 2 and "starting a new run" in caplog.text
     assert find_checkpoint(tmp_path / "fresh", "checkpoint-2") == tmp_path / "fresh" / "checkpoint-2"
-    with pytest.raises(CheckpointError, match="no checkpoint folder checkpoint-9 .*fresh"):
+    with pytest.raises(CheckpointError, match="no checkpoint folder .*fresh/checkpoint-9"):
         find_checkpoint(tmp_path / "fresh", "checkpoint-9")
+
+
+def test_a_bare_checkpoint_name_is_looked_up_in_the_output_folder_first(tmp_path, monkeypatch):
+    for run in ("run1", "run2"):
+        trainer, _ = make_trainer(tmp_path / run, steps=2, checkpointing_steps=2)
+        trainer.fit()
+    monkeypatch.chdir(tmp_path / "run1")  # which holds a checkpoint-2 of its own
+    assert find_checkpoint(tmp_path / "run2", "checkpoint-2") == tmp_path / "run2" / "checkpoint-2"
 
 
 def interrupt_during_generator_update(method, update: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from stepdistill import config as configs
 from stepdistill.assets import PRESETS_DIR
@@ -23,7 +24,9 @@ def command_line(config_cls: type, main: Callable, prog: str) -> None:
     """A recipe's ``__main__``: parse the flags into ``config_cls``, run ``main``; bad input ends
     with one ``error:`` line (exit status 1) instead of a traceback, and so does a diverged run.
     Ctrl-C ends with a line saying how to resume (exit status 130)."""
-    cfg = configs.parse(config_cls, prog=prog, presets_dir=PRESETS_DIR)
+    recipe = Path(prog).stem
+    presets = {path.stem: path for path in PRESETS_DIR.glob(f"{recipe}_*.yaml")}  # this recipe's own
+    cfg = configs.parse(config_cls, prog=prog, presets=presets)
     try:
         main(cfg)
     except (PipelineError, ConfigError, DataError) as error:

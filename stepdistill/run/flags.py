@@ -81,10 +81,12 @@ class RunConfig:
     tracker_project_name: str | None = field(None, "the trackers' project / run name (default: stepdistill-<recipe>)")
     logging_dir: str = field("logs", "where the trackers write (TensorBoard), relative to --output_dir")
     validation_steps: int = field(50, "sample, grid and score the student every N steps (0: off)", at_least=0)
-    validation_prompts: tuple[str, ...] | None = field(None, "prompts of the validation grid, each quoted (default: "
-                                                           "the scored digit prompts, or 16 training prompts)")
-    num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a 16-image "
-                                             "grid)", at_least=1)
+    validation_prompts: tuple[str, ...] | None = field(None, "prompts of the validation grid, one quoted argument "
+                                                           "each (none: the scored digit prompts, or 16 training "
+                                                           "prompts)", one_per_argument=True)
+    num_validation_images: int = field(1000, "images per validation (digits: FD-digits + accuracy; else a grid of "
+                                             "at most 16 training prompts; not with --validation_prompts)",
+                                       at_least=1)
     eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher; 0: none)",
                                   at_least=0)
     teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)", at_least=0)
@@ -123,9 +125,9 @@ class RunConfig:
         if self.train_data_dir and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
             raise ConfigError(f"--train_data_dir {self.train_data_dir} needs a metadata.jsonl (file_name, text per line)")
         configs.require_writable_dir(self.output_dir, "--output_dir")
-        if self.resume_from_checkpoint not in (None, "latest"):  # "latest" is resolved (and logged) when resuming
+        if self.resume_from_checkpoint:  # resolved again, with warnings, when the run resumes
             try:
-                find_checkpoint(self.output_dir, self.resume_from_checkpoint)
+                find_checkpoint(self.output_dir, self.resume_from_checkpoint, warn=False)
             except CheckpointError as error:
                 raise ConfigError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: {error}") from None
 

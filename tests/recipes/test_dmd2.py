@@ -187,6 +187,13 @@ def test_latest_passes_over_a_damaged_checkpoint_with_one_warning(dmd2, tiny_pip
     assert steps == [3, 4, 5]
 
 
+def test_latest_with_every_checkpoint_damaged_fails_before_loading(dmd2, tmp_path, capsys):
+    (tmp_path / "checkpoint-3").mkdir()  # no manifest: cut short before it was complete
+    with pytest.raises(SystemExit):
+        configs.parse(dmd2.DMD2Config, ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert f"every checkpoint in {tmp_path} is damaged" in capsys.readouterr().err
+
+
 def test_unreadable_data_ends_in_one_line_naming_the_file(dmd2, tiny_pipeline_dir, tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"the digit 1\n\xff\xfe binary\n")

@@ -29,7 +29,7 @@ def test_a_preset_loads_by_name_into_its_recipe_and_validates(preset, request, t
     values = yaml.safe_load(text)
     overrides = {"pretrained_model_name_or_path": str(tiny_pipeline_dir), "output_dir": str(tmp_path / "run")}
     cfg = configs.parse(getattr(recipe, CONFIG_CLASSES[recipe_name]), [
-        "--config", preset.stem, *(f"--{k}={v}" for k, v in overrides.items()), "--dry_run"], presets_dir=PRESETS_DIR)
+        "--config", preset.stem, *(f"--{k}={v}" for k, v in overrides.items()), "--dry_run"], presets={preset.stem: preset})
     for key, value in values.items():
         if key not in overrides:
             assert getattr(cfg, key) == value, key
@@ -37,6 +37,10 @@ def test_a_preset_loads_by_name_into_its_recipe_and_validates(preset, request, t
     assert "flags are valid" in capsys.readouterr().out
 
 
-def test_an_unknown_config_lists_the_presets(dmd2, capsys):
-    with pytest.raises(SystemExit, match="--config dmd2_8step does not exist and is not a preset .*dmd2_4step"):
-        configs.parse(dmd2.DMD2Config, ["--config", "dmd2_8step"], presets_dir=PRESETS_DIR)
+def test_a_recipe_offers_its_own_presets_only(sid, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["recipes/sid.py", "--config", "dmd2_4step", "--dry_run"])
+    with pytest.raises(SystemExit, match="--config dmd2_4step does not exist and is not a preset \\(sid_4step\\)"):
+        sid.run.command_line(sid.SiDConfig, sid.main, prog="recipes/sid.py")
+    monkeypatch.setattr("sys.argv", ["recipes/sid.py", "--config", "sid_4step", "--dry_run"])
+    sid.run.command_line(sid.SiDConfig, sid.main, prog="recipes/sid.py")
+    assert "flags are valid" in capsys.readouterr().out
