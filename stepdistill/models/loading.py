@@ -6,6 +6,7 @@ The same function serves the shipped digits teacher (a local folder) and hub mod
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import huggingface_hub
@@ -18,6 +19,33 @@ from transformers.utils import logging as transformers_logging
 
 class PipelineError(ValueError):
     """A pipeline path or id that cannot be used; the message says what to provide."""
+
+
+# What the text side logs for an over-long prompt: diffusers' pipelines quote the cut text (megabytes
+# for a runaway line), and a tokenizer warns of the full length.
+TRUNCATION_WARNINGS = ("The following part of your input was truncated",
+                       "Token indices sequence length is longer than the specified maximum")
+
+
+class _TruncationNotice(logging.Filter):
+    """Lets the run's first truncation warning through as one short line and drops the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(TRUNCATION_WARNINGS):
+            return True
+        if self.shown:
+            return False
+        self.shown = True
+        record.msg, record.args = ("some prompts are longer than the text encoder takes: they are cut to fit, as the "
+                                   "pipeline does (said once per run)"), ()
+        return True
+
+
+TRUNCATION_NOTICE = _TruncationNotice()  # on every loaded pipeline's text side
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -66,7 +94,8 @@ def load_pipeline(
     variant: str | None = None,
     torch_dtype: torch.dtype | None = None,
 ) -> DiffusionPipeline:
-    """Load a text-to-image pipeline (it must have a text encoder and a UNet or transformer)."""
+    """Load a text-to-image pipeline (it must have a text encoder and a UNet or transformer); over-long
+    prompts it is given are cut with one notice per run (:data:`TRUNCATION_NOTICE`), not one each."""
     name = str(name_or_path)
     require_pipeline_location(name, revision)
     if Path(name).expanduser().exists():
@@ -92,5 +121,7 @@ def load_pipeline(
             "(it needs a text encoder and a UNet or transformer)"
         )
     pipe.set_progress_bar_config(disable=True)
+    for source in (type(pipe).__module__, "transformers.tokenization_utils_base"):
+        logging.getLogger(source).addFilter(TRUNCATION_NOTICE)  # adding it twice keeps one
     return pipe
 

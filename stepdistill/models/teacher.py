@@ -7,9 +7,6 @@ SD3/SD3.5 and Flux (transformers, rectified flow). Others are refused with a mes
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,45 +18,6 @@ from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess, process_from_scheduler
 from stepdistill.models.backbones import Backbone, BackboneError, backbone_for
 from stepdistill.models.loading import PipelineError, load_pipeline
-
-logger = logging.getLogger(__name__)
-
-# What the text side logs for each over-long prompt: diffusers' pipelines quote the cut text (megabytes
-# for a runaway line), and a tokenizer warns once of the full length.
-TRUNCATION_WARNINGS = ("The following part of your input was truncated",
-                       "Token indices sequence length is longer than the specified maximum")
-
-
-class _TruncationCounter(logging.Filter):
-    """Drops truncation warnings (see :data:`TRUNCATION_WARNINGS`), counting them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(TRUNCATION_WARNINGS):
-            self.count += 1
-            return False
-        return True
-
-
-@contextmanager
-def one_truncation_line(pipeline: DiffusionPipeline) -> Iterator[None]:
-    """Replace the per-prompt truncation warnings of ``pipeline``'s text encoding with one line."""
-    counter = _TruncationCounter()
-    sources = [logging.getLogger(type(pipeline).__module__), logging.getLogger("transformers.tokenization_utils_base")]
-    for source in sources:
-        source.addFilter(counter)
-    try:
-        yield
-    finally:
-        for source in sources:
-            source.removeFilter(counter)
-    if counter.count:
-        logger.warning("some prompts are longer than the text encoders take and were cut to fit, as the pipeline "
-                       "does (%d truncation warnings not shown)", counter.count)
-
 
 @dataclass
 class Teacher:
@@ -85,11 +43,10 @@ class Teacher:
     def encode_prompts(self, prompts: list[str], batch_size: int = 256) -> Condition:
         """The condition of every prompt (text-encoder outputs the network reads), computed in chunks and
         kept on the CPU (a Flux condition is 8 MiB a prompt): batches move what they pick. Over-long
-        prompts are cut as the pipeline cuts them, with one warning line for all of them."""
-        with one_truncation_line(self.pipeline):
-            chunks = [conditioning.to(self.backbone.encode(self.pipeline, prompts[start : start + batch_size],
-                                                           self.resolution), "cpu")
-                      for start in range(0, len(prompts), batch_size)]
+        prompts are cut as the pipeline cuts them (see :data:`~stepdistill.models.loading.TRUNCATION_NOTICE`)."""
+        chunks = [conditioning.to(self.backbone.encode(self.pipeline, prompts[start : start + batch_size],
+                                                       self.resolution), "cpu")
+                  for start in range(0, len(prompts), batch_size)]
         return conditioning.concat(*chunks)
 
     @torch.no_grad()
