@@ -56,18 +56,18 @@ class DivergedError(RuntimeError):
 
 class Interrupted(RuntimeError):
     """The run stopped on Ctrl-C (SIGINT) at the end of step ``step``; ``checkpoint`` holds it, or is
-    ``None`` when checkpointing is off."""
+    ``None`` when checkpointing is off; ``is_main_process`` tells which process should say so."""
 
-    def __init__(self, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, step: int, checkpoint: Path | None, is_main_process: bool = True) -> None:
         super().__init__(f"interrupted at step {step}")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.is_main_process = step, checkpoint, is_main_process
 
 
 @contextmanager
-def stop_requests() -> Iterator[threading.Event]:
+def stop_requests(announce: bool = True) -> Iterator[threading.Event]:
     """While open, the first Ctrl-C (SIGINT) only sets the returned event, for the loop to stop at the
-    end of its update; a second one interrupts at once, as Python does by default. Outside the main
-    thread (where signals cannot be handled) the event is never set."""
+    end of its update (saying so when ``announce``); a second one interrupts at once, as Python does by
+    default. Outside the main thread (where signals cannot be handled) the event is never set."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -77,7 +77,8 @@ def stop_requests() -> Iterator[threading.Event]:
     def request_stop(signum, frame) -> None:
         requested.set()
         signal.signal(signal.SIGINT, previous)
-        print("\nstopping at the end of this update (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if announce:
+            print("\nstopping at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGINT, request_stop)
     try:
@@ -237,7 +238,7 @@ class Trainer:
         self.method = method
         self.next_batch = next_batch
         self.validate = validate
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, "none", cfg.output_dir)
         require_data_parallel(self.accelerator)
         set_seed(cfg.seed, device_specific=True)  # each process draws its own batches and noise
         betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -404,14 +405,15 @@ class Trainer:
             total=cfg.max_train_steps, initial=self.progress.step, desc="distilling",
             disable=not self.accelerator.is_local_main_process,
         )
-        with stop_requests() as stop:
+        with stop_requests(announce=self.accelerator.is_main_process) as stop:
             while self.progress.step < cfg.max_train_steps:
                 checkpoint = self._step(critic_steps, bar)
                 if self.progress.step < cfg.max_train_steps and self._anywhere(stop.is_set()):
                     bar.close()
                     if cfg.checkpointing_steps and checkpoint is None:
                         checkpoint = self.save_checkpoint()
-                    raise Interrupted(self.progress.step, checkpoint)
+                    self.accelerator.end_training()  # trackers flush what they hold
+                    raise Interrupted(self.progress.step, checkpoint, self.accelerator.is_main_process)
         bar.close()
         self.accelerator.wait_for_everyone()
         return self.progress
@@ -447,12 +449,13 @@ class Trainer:
 
     def summary(self) -> dict:
         """What the run cost: steps, training seconds (validation and checkpoints excluded), steps/s,
-        the device and this process's peak memory (see :func:`peak_memory_bytes`)."""
+        the device, the precision it ran at and this process's peak memory (see :func:`peak_memory_bytes`)."""
         device = self.accelerator.device
         return {
             "steps": self.progress.step, "seconds": self.progress.seconds,
             "steps_per_second": self.progress.step / self.progress.seconds if self.progress.seconds else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "num_processes": self.accelerator.num_processes, "peak_memory_bytes": peak_memory_bytes(device),
+            "num_processes": self.accelerator.num_processes, "mixed_precision": self.accelerator.mixed_precision,
+            "peak_memory_bytes": peak_memory_bytes(device),
         }
 

@@ -5,6 +5,7 @@ this is where they are worded as the flags that change them."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,10 +41,12 @@ def command_line(config_cls: type, main: Callable, prog: str) -> None:
     except CheckpointError as error:
         raise SystemExit(f"error: --resume_from_checkpoint: {error}") from None
     except Interrupted as stop:
-        print(f"{stop}; " + (f"{stop.checkpoint} written: resume with --resume_from_checkpoint latest"
-                             if stop.checkpoint else "nothing saved (--checkpointing_steps 0)"), file=sys.stderr)
+        if stop.is_main_process:
+            print(f"{stop}; " + (f"{stop.checkpoint} written: resume with --resume_from_checkpoint latest"
+                                 if stop.checkpoint else "nothing saved (--checkpointing_steps 0)"), file=sys.stderr)
         raise SystemExit(INTERRUPTED_STATUS) from None
     except KeyboardInterrupt:
-        print("interrupted; resume from the newest checkpoint, if any, with --resume_from_checkpoint latest",
-              file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # one line for a multi-process run
+            print("interrupted; resume from the newest checkpoint, if any, with --resume_from_checkpoint latest",
+                  file=sys.stderr)
         raise SystemExit(INTERRUPTED_STATUS) from None

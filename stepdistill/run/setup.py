@@ -26,12 +26,10 @@ from stepdistill.trainer import make_accelerator, require_data_parallel, set_cpu
 
 def start(cfg: RunConfig) -> Accelerator:
     """Logging (stepdistill's info lines on stderr), accelerator, threads and seed; nothing is written
-    yet. ``cfg.mixed_precision`` becomes the precision the accelerator settled on, so that
-    ``config.json`` records what ran."""
+    yet (``config.json`` keeps ``--mixed_precision`` as given; the run's summary records what ran)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("stepdistill").setLevel(logging.INFO)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir, cfg.logging_dir)
-    cfg.mixed_precision = accelerator.mixed_precision
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     require_data_parallel(accelerator)

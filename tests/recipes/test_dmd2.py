@@ -254,3 +254,20 @@ def test_trackers_log_under_logging_dir_in_the_output_folder(tmp_path):
 
     accelerator = make_accelerator(None, "none", tmp_path, "tensorboard")
     assert accelerator.logging_dir == str(tmp_path / "tensorboard")
+
+
+def test_allow_tf32_and_tracker_project_name_reach_torch_and_the_trackers(dmd2, tmp_path, monkeypatch):
+    import torch
+
+    from stepdistill import run
+
+    cfg = configs.parse(dmd2.DMD2Config, ["--allow_tf32", "--tracker_project_name", "digits-runs", "--output_dir",
+                                          str(tmp_path), "--report_to", "none"])
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    accelerator = run.start(cfg)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    projects = []
+    monkeypatch.setattr(accelerator, "init_trackers", lambda name, config: projects.append(name))
+    run.open_output(cfg, accelerator, "dmd2")
+    assert projects == ["digits-runs"] and (tmp_path / "config.json").is_file()
