@@ -34,7 +34,7 @@ from stepdistill import export
 from stepdistill.assets import DIGITS_TEACHER
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
-from stepdistill.data.prompts import DataError, read_prompts
+from stepdistill.data.prompts import DataError, read_prompts, square_image
 from stepdistill.evaluation import reference_metrics, report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.models.backbones import backbone_for
@@ -79,10 +79,16 @@ class EvaluateConfig:
             raise ConfigError("FID needs both --inception_weights and --fid_reference_dir")
         if self.fid_reference_dir is not None and not Path(self.fid_reference_dir).is_dir():
             raise ConfigError(f"--fid_reference_dir {self.fid_reference_dir} is not a folder")
-        if self.inception_weights is not None:
-            reference_metrics.check_inception_weights(self.inception_weights)
-        if self.clip_model is not None:
-            reference_metrics.check_clip_model(self.clip_model)
+        try:
+            if self.inception_weights is not None:
+                reference_metrics.check_inception_weights(self.inception_weights)
+        except reference_metrics.MissingWeightsError as error:
+            raise ConfigError(f"--inception_weights: {error}") from None
+        try:
+            if self.clip_model is not None:
+                reference_metrics.check_clip_model(self.clip_model)
+        except reference_metrics.MissingWeightsError as error:
+            raise ConfigError(f"--clip_model: {error}") from None
         if self.scheduler is not None:
             scheduler_class(self.scheduler)
 
@@ -103,14 +109,14 @@ def scheduler_class(name: str) -> type[SchedulerMixin]:
 
 
 def load_image_folder(folder: str, size: int) -> torch.Tensor:
-    """All PNG/JPEG images of a folder as ``(N, 3, size, size)`` in [-1, 1]."""
+    """All PNG/JPEG/WebP images of a folder as ``(N, 3, size, size)`` in [-1, 1], centre-cropped and
+    resized as training images are."""
     import numpy as np
-    from PIL import Image
 
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
         raise ConfigError(f"--fid_reference_dir {folder} holds no .png/.jpg/.webp images")
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in files]
+    arrays = [square_image(path, size) for path in files]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 

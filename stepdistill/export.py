@@ -147,8 +147,6 @@ def export_full(
     a Flux pipeline's default is fixed: pass ``height``/``width``)."""
     output_dir = Path(output_dir)
     backbone = adapter_for(student_network)
-    if resolution and "sample_size" in student_network.config:
-        student_network.register_to_config(sample_size=resolution // teacher_pipeline.vae_scale_factor)
     timesteps = student_timesteps(scheduler, num_steps, backbone)
     components = {**teacher_pipeline.components, backbone.component: student_network, "scheduler": scheduler}
     pipeline_class = type(teacher_pipeline)
@@ -157,7 +155,15 @@ def export_full(
         if name not in components and name in inspect.signature(pipeline_class.__init__).parameters
     }
     student_pipeline = pipeline_class(**components, **settings)
-    student_pipeline.save_pretrained(output_dir, safe_serialization=True)
+    trained_size = resolution // teacher_pipeline.vae_scale_factor if resolution else None
+    own_size = student_network.config.get("sample_size")
+    if own_size is not None and trained_size is not None:
+        student_network.register_to_config(sample_size=trained_size)  # saved as the pipeline's default ...
+    try:
+        student_pipeline.save_pretrained(output_dir, safe_serialization=True)
+    finally:
+        if own_size is not None:
+            student_network.register_to_config(sample_size=own_size)  # ... and the live network left as it was
     _write_metadata(output_dir, num_steps, timesteps, "full", guidance_scale, scheduler, resolution)
     return output_dir
 

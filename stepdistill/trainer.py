@@ -144,8 +144,9 @@ def make_accelerator(
     """The run's ``Accelerator``; ``mixed_precision`` ``None`` leaves it to accelerate's config or
     launcher, and fp16 is refused on the CPU, where accelerate would silently run fp32. ``report_to``
     names an accelerate tracker, ``none``, or ``auto`` (tensorboard when it is installed), which logs
-    under ``logging_dir`` (relative to ``output_dir``); ``train_log.jsonl`` is written either way. Launched as several processes on a machine without
-    CUDA, they join one gloo group (accelerate alone would run each as an independent single-process job)."""
+    under ``logging_dir`` (relative to ``output_dir``); ``train_log.jsonl`` is written either way.
+    Launched as several processes on a machine without CUDA, they join one gloo group (accelerate alone
+    would run each as an independent single-process job)."""
     if report_to == "auto":
         report_to = "tensorboard" if is_tensorboard_available() else "none"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

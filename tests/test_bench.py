@@ -98,3 +98,13 @@ def test_an_installed_package_runs_its_own_recipes_and_presets(tmp_path):
                           "--dry_run", "--output_dir", str(tmp_path / "run")], cwd=tmp_path, env=environment,
                          capture_output=True, text=True)
     assert "flags are valid" in dry.stdout, dry.stderr
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "stepdistill").rglob("__init__.py")}
+    assert listed == found | {"stepdistill.recipes"}

@@ -77,14 +77,14 @@ def read_image_folder(folder: str | Path, size: int) -> tuple[torch.Tensor, list
             file_name, caption = row["file_name"], row["text"]
         except (ValueError, KeyError, TypeError):
             raise DataError(f"{metadata}:{number} is not a JSON object with 'file_name' and 'text'") from None
-        images.append(_square_image(folder / file_name, size))
+        images.append(square_image(folder / file_name, size))
         captions.append(caption)
     if not images:
         raise DataError(f"{metadata} lists no images")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
 
 
-def _square_image(path: Path, size: int) -> np.ndarray:
+def square_image(path: Path, size: int) -> np.ndarray:
     """The centre square of the image at ``path``, resized to ``size``, as ``(size, size, 3)`` uint8."""
     try:
         with Image.open(path) as opened:

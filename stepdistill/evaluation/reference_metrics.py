@@ -20,16 +20,15 @@ fail at once, with what to provide, when they are missing:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
-from stepdistill.config import ConfigError
 
-
-class MissingWeightsError(ConfigError):
+class MissingWeightsError(ValueError):
     """A metric's network weights are not on disk; the message says what to provide."""
 
 
@@ -54,8 +53,8 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 def check_inception_weights(inception_weights: str | Path | None) -> None:
     """Raise :class:`MissingWeightsError` unless FID can run: the weights file and torch-fidelity are there."""
     if inception_weights is None or not Path(inception_weights).is_file():
-        raise MissingWeightsError(f"--inception_weights {inception_weights} is not a file: FID needs the FID Inception "
-                                  "weights; download pt_inception-2015-12-05-6726825d.pth once and pass its path")
+        raise MissingWeightsError(f"{inception_weights} is not a file: FID needs the FID Inception weights; download "
+                                  "pt_inception-2015-12-05-6726825d.pth once and give its path")
     if importlib.util.find_spec("torch_fidelity") is None:
         raise MissingWeightsError("FID needs the torch-fidelity package: pip install torch-fidelity")
 
@@ -64,16 +63,19 @@ def check_clip_model(clip_model: str | Path | None) -> None:
     """Raise :class:`MissingWeightsError` unless ``clip_model`` is a CLIP model folder (reads no weights)."""
     folder = None if clip_model is None else Path(clip_model)
     if folder is None or not folder.is_dir():
-        raise MissingWeightsError(f"--clip_model {clip_model} is not a folder: CLIP score needs a local CLIP model; "
-                                  "download e.g. openai/clip-vit-large-patch14 once and pass its folder")
+        raise MissingWeightsError(f"{clip_model} is not a folder: CLIP score needs a local CLIP model; download e.g. "
+                                  "openai/clip-vit-large-patch14 once and give its folder")
     missing = [" or ".join(names) for names in _CLIP_FILES if not any((folder / name).is_file() for name in names)]
     if missing:
-        raise MissingWeightsError(f"--clip_model {clip_model} is not a complete CLIP model folder: it lacks "
+        raise MissingWeightsError(f"{clip_model} is not a complete CLIP model folder: it lacks "
                                   f"{'; '.join(missing)} (download all of e.g. openai/clip-vit-large-patch14)")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise MissingWeightsError(f"{folder / 'config.json'} is not a JSON object: download the CLIP model again") from None
     if model_type != "clip":
-        raise MissingWeightsError(f"--clip_model {clip_model} holds a {model_type!r} model, not a CLIP one; "
-                                  "pass a CLIP model folder such as a download of openai/clip-vit-large-patch14")
+        raise MissingWeightsError(f"{clip_model} holds a {model_type!r} model, not a CLIP one; give a CLIP model "
+                                  "folder such as a download of openai/clip-vit-large-patch14")
 
 
 @torch.no_grad()
@@ -94,17 +96,23 @@ def fid(
     return float(metric.compute())
 
 
+@functools.lru_cache(maxsize=1)
+def _clip(folder: str):
+    """The CLIP model (on the GPU if there is one) and its processor, loaded once per folder."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(folder, local_files_only=True).to(_device()).eval()
+    return model, CLIPProcessor.from_pretrained(folder, local_files_only=True)
+
+
 @torch.no_grad()
 def clip_score(images: torch.Tensor, prompts: list[str], clip_model: str | Path | None, batch_size: int = 64) -> float:
     """Mean CLIP score, 100 · max(cos, 0), of ``(N, 3, H, W)`` images in [-1, 1] against their N prompts."""
     check_clip_model(clip_model)
     if len(images) != len(prompts):
         raise ValueError(f"need one prompt per image, got {len(images)} images and {len(prompts)} prompts")
-    from transformers import CLIPModel, CLIPProcessor
-
-    device = _device()
-    model = CLIPModel.from_pretrained(clip_model, local_files_only=True).to(device).eval()
-    processor = CLIPProcessor.from_pretrained(clip_model, local_files_only=True)
+    model, processor = _clip(str(Path(clip_model).resolve()))
+    device = model.device
     scores = []
     for start in range(0, len(images), batch_size):
         inputs = processor(

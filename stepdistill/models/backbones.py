@@ -129,8 +129,8 @@ class Backbone:
         return self.network(pipeline).config.in_channels
 
     def resolution_multiple(self, pipeline: DiffusionPipeline) -> int:
-        """Image sides must be multiples of this: the VAE's downsampling, and 8, below which the SD and
-        SDXL pipelines refuse to sample."""
+        """Image sides must be multiples of this: of the VAE's downsampling, and of 8, as the SD and SDXL
+        pipelines refuse other sizes."""
         return math.lcm(pipeline.vae_scale_factor, 8)
 
     def image_seq_len(self, latent_shape: tuple[int, int, int]) -> int:

@@ -72,8 +72,8 @@ def require_pipeline_location(name_or_path: str | Path, revision: str | None = N
 
 def _require_hub_model(repo_id: str, revision: str | None) -> None:
     """A hub model must be in the local cache or on a reachable hub; otherwise say how to get it."""
-    if huggingface_hub.try_to_load_from_cache(repo_id, "model_index.json", revision=revision) is not None:
-        return
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "model_index.json", revision=revision), str):
+        return  # (not a str: absent, or cached as known to be missing)
     download = (f"download it where there is network (`hf download {repo_id}`) and pass its folder, or point "
                 "HF_HOME at a cache that holds it")
     if huggingface_hub.constants.HF_HUB_OFFLINE:

@@ -88,7 +88,7 @@ def load_teacher(
     multiple = backbone.resolution_multiple(pipe)
     if resolution % multiple:
         raise PipelineError(f"--resolution {resolution} is not a multiple of {multiple}, which this "
-                            f"{type(pipe).__name__} needs (its VAE and patch size)")
+                            f"{type(pipe).__name__} needs")
     try:
         process = process_from_scheduler(
             pipe.scheduler, image_seq_len=backbone.image_seq_len(backbone.latent_shape(pipe, resolution)),

@@ -44,7 +44,8 @@ def open_output(cfg: RunConfig, accelerator: Accelerator, name: str) -> None:
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         configs.save(cfg, Path(cfg.output_dir) / "config.json")
-    accelerator.init_trackers(cfg.tracker_project_name or f"stepdistill-{name}", config={k: str(v) if v is None else v for k, v in vars(cfg).items()})
+    tracked = {key: str(value) if value is None else value for key, value in vars(cfg).items()}
+    accelerator.init_trackers(cfg.tracker_project_name or f"stepdistill-{name}", config=tracked)
 
 
 @dataclass

@@ -66,16 +66,16 @@ def test_fid_matches_torch_fidelity(random_inception_weights):
 
 
 @pytest.mark.parametrize("weights", [None, "no/such/pt_inception.pth"])
-def test_fid_without_weights_says_which_flag(tmp_path, weights):
+def test_fid_without_weights_says_what_to_download(tmp_path, weights):
     weights = None if weights is None else tmp_path / weights
     began = time.perf_counter()
-    with pytest.raises(MissingWeightsError, match="--inception_weights"):
+    with pytest.raises(MissingWeightsError, match="is not a file: FID needs the FID Inception weights"):
         fid(IMAGES, IMAGES, inception_weights=weights)
     assert time.perf_counter() - began < 5
 
 
 def test_fid_with_a_folder_as_weights(tmp_path):
-    with pytest.raises(MissingWeightsError, match="--inception_weights"):
+    with pytest.raises(MissingWeightsError, match="download pt_inception-2015-12-05-6726825d.pth"):
         fid(IMAGES, IMAGES, inception_weights=tmp_path)
 
 
@@ -133,7 +133,7 @@ def test_clip_score_needs_a_prompt_per_image(tiny_clip_dir):
 
 
 @pytest.mark.parametrize("folder", [None, "missing", "empty", "no_tokenizer"])
-def test_clip_score_without_model_says_which_flag(tmp_path, tiny_clip_dir, folder):
+def test_clip_score_without_model_says_what_to_download(tmp_path, tiny_clip_dir, folder):
     if folder == "empty":
         (tmp_path / "empty").mkdir()
     if folder == "no_tokenizer":  # transformers 5 would load it with an empty vocabulary and score nonsense
@@ -142,7 +142,7 @@ def test_clip_score_without_model_says_which_flag(tmp_path, tiny_clip_dir, folde
             (tmp_path / folder / name).write_bytes((tiny_clip_dir / name).read_bytes())
     clip_model = None if folder is None else tmp_path / folder
     began = time.perf_counter()
-    with pytest.raises(MissingWeightsError, match="--clip_model") as error:
+    with pytest.raises(MissingWeightsError, match="openai/clip-vit-large-patch14") as error:
         clip_score(IMAGES, PROMPTS, clip_model=clip_model)
     expected = {"empty": "lacks config.json;", "no_tokenizer": "lacks tokenizer.json or vocab.json ("}
     assert expected.get(folder, "is not a folder") in str(error.value)
@@ -154,4 +154,7 @@ def test_a_non_clip_model_folder_is_refused(tmp_path, tiny_clip_dir):
         (tmp_path / name).write_bytes((tiny_clip_dir / name).read_bytes())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip"}))
     with pytest.raises(MissingWeightsError, match="holds a 'siglip' model, not a CLIP one"):
+        check_clip_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(MissingWeightsError, match="config.json is not a JSON object"):
         check_clip_model(tmp_path)

@@ -10,7 +10,6 @@ import pytest
 from stepdistill.assets import RECIPES_DIR
 
 
-
 def _recipe(name: str):
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
