@@ -1,14 +1,18 @@
 """``python -m stepdistill bench``: every recipe on the shipped digits teacher, scored side by side.
 
-    python -m stepdistill bench                       # the README's Results (about an hour on 2 CPU cores)
-    python -m stepdistill bench --recipes dmd2 --max_train_steps 2 --num_samples 20 --teacher_steps 1,50
+    python -m stepdistill bench                       # the README's Results (1.5 hours on 2 CPU cores; less
+                                                      # once the teacher's rows are cached)
+    python -m stepdistill bench --recipes dmd2 --max_train_steps 2 --num_samples 20 --seeds 0 --teacher_steps 1,50
 
 Each recipe trains with its own defaults (its step budget is part of the recipe) in a process of
 its own, validating every ``--validation_steps``. Then every exported student is loaded as plain
 diffusers loads it and sampled at ``--student_steps``, and the teacher at ``--teacher_steps`` ×
-``--teacher_guidance_scales``, all in this one process, on the same prompts and initial noise and
-with the same evaluator (FD-digits against the held-out split, prompt accuracy). Speed-ups are
-ratios of images/s measured here, one after the other, beside the ratio of network evaluations.
+``--teacher_guidance_scales``, all in this one process, on the same prompts and, per sampling seed
+(``--seeds``, the protocol's 0 and 1 at 5,000 samples), the same initial noise, with the same
+evaluator (FD-digits against the held-out split, prompt accuracy); ratios are taken at the same
+seed. The teacher's rows are kept in ``teacher_rows.json`` and reused while the teacher, the
+evaluator, the sample count and the seed stay the same. Speed-ups are ratios of images/s measured
+one after the other, beside the ratio of network evaluations.
 
 Writes to ``--output_dir``: ``results.json`` (everything), ``results.md`` (the tables of the README's
 Results), ``fd_vs_sampling_steps.png``, ``fd_vs_training_time.png`` and ``fd_vs_training_steps.png``
@@ -18,6 +22,7 @@ side), the sample grids and, under ``runs/``, each recipe's own output folder an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -33,7 +38,7 @@ import torch
 
 from stepdistill import config as configs
 from stepdistill import export
-from stepdistill.assets import DIGITS_TEACHER, RECIPES_DIR
+from stepdistill.assets import DIGITS_CLASSIFIER, DIGITS_TEACHER, RECIPES_DIR
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
 from stepdistill.evaluation import plots, report
@@ -56,19 +61,26 @@ class BenchConfig:
     student_steps: tuple[int, ...] = field((1, 2, 4, 8), "sampling steps every student is scored at")
     teacher_steps: tuple[int, ...] = field((1, 2, 4, 8, 25, 50), "DDIM steps the teacher is scored at")
     teacher_guidance_scales: tuple[float, ...] = field((1.0, 1.5), "teacher CFG scales (1.5: its best, distilled by default)")
-    num_samples: int = field(1000, "images per setting and per validation (digit prompts cycle 0..9)")
+    num_samples: int = field(5000, "images per row (digit prompts cycle 0..9; the bars' protocol: 5,000)")
+    seeds: tuple[int, ...] = field((0, 1), "sampling seeds every row is scored at (the bars' protocol: 0 and 1)")
+    cache_teacher_rows: bool = field(True, "reuse teacher rows scored before on the same teacher, evaluator, samples "
+                                           "and seed (kept in <output_dir>/teacher_rows.json)")
     max_train_steps: int | None = field(None, "override every recipe's step budget (default: each recipe's own)")
     validation_steps: int = field(50, "validate every recipe every N steps (the FD-against-time curve)")
+    validation_samples: int = field(1000, "images per validation")
     recipe_flags: str = field("", "more flags for every recipe, e.g. '--train_batch_size 8'")
-    seed: int = field(0, "seed of every recipe and of the evaluation noise")
+    seed: int = field(0, "seed of every recipe's training")
 
     def validate(self) -> None:
         for recipe in self.recipes:
             if not (RECIPES_DIR / f"{recipe}.py").is_file():
                 known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.py") if p.stem != "__init__"))
                 raise ConfigError(f"--recipes: no recipe {recipe!r} ({RECIPES_DIR} holds {known})")
-        if self.num_samples < 2:
-            raise ConfigError(f"--num_samples must be ≥ 2, as Fréchet distances need two samples (got {self.num_samples})")
+        if self.num_samples < 2 or self.validation_samples < 2:
+            raise ConfigError("--num_samples and --validation_samples must be ≥ 2, as Fréchet distances need two "
+                              f"samples (got {self.num_samples}, {self.validation_samples})")
+        if not self.seeds:
+            raise ConfigError("--seeds needs at least one seed")
         for name in ("student_steps", "teacher_steps"):
             if not getattr(self, name) or min(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name} must be ≥ 1 (got {getattr(self, name)})")
@@ -98,7 +110,7 @@ def machine() -> dict:
 def train_recipe(cfg: BenchConfig, recipe: str, run_dir: Path) -> dict:
     """Run ``recipes/<recipe>.py`` in its own process (its log in ``<run_dir>.log``); its ``report.json``."""
     flags = ["--output_dir", str(run_dir), "--seed", str(cfg.seed), "--eval_num_samples", "0",
-             "--validation_steps", str(cfg.validation_steps), "--num_validation_images", str(cfg.num_samples)]
+             "--validation_steps", str(cfg.validation_steps), "--num_validation_images", str(cfg.validation_samples)]
     if cfg.max_train_steps is not None:
         flags += ["--max_train_steps", str(cfg.max_train_steps)]
     command = [sys.executable, str(RECIPES_DIR / f"{recipe}.py"), *flags, *shlex.split(cfg.recipe_flags)]
@@ -115,13 +127,47 @@ def train_recipe(cfg: BenchConfig, recipe: str, run_dir: Path) -> dict:
     return outcome
 
 
-def _ratio_rows(results: list[report.Result], reference: report.Result) -> list[dict]:
-    """Each result with its FD ratio to ``reference`` and its speed-up over it (wall clock and NFE)."""
-    return [
-        {**asdict(r), "fd_ratio_to_teacher": r.fd_digits / reference.fd_digits,
-         "speedup_wall": r.images_per_s / reference.images_per_s, "speedup_nfe": reference.nfe / r.nfe}
-        for r in results
-    ]
+def _ratio_rows(results: list[report.Result], references: dict[int, report.Result]) -> list[dict]:
+    """Each result with its FD ratio to the reference row of its seed and its speed-up over it (wall
+    clock and NFE)."""
+    rows = []
+    for r in results:
+        reference = references[r.seed]
+        rows.append({**asdict(r), "fd_ratio_to_teacher": r.fd_digits / reference.fd_digits,
+                     "speedup_wall": r.images_per_s / reference.images_per_s, "speedup_nfe": reference.nfe / r.nfe})
+    return rows
+
+
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of a file's SHA-256: which weights a cached row was scored with."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def teacher_rows(cfg: BenchConfig, prompts: list[str], scorers: report.Scorers, grids: Path, seed: int) -> list[report.Result]:
+    """The teacher's rows at ``seed``: every (steps, CFG) of the config, from ``teacher_rows.json`` when
+    scored before on the same teacher weights, evaluator, samples and seed (``--cache_teacher_rows``),
+    else scored now and added there. A cached row keeps the images/s of the run that scored it."""
+    cache_path = Path(cfg.output_dir) / "teacher_rows.json"
+    cache = json.loads(cache_path.read_text()) if cfg.cache_teacher_rows and cache_path.is_file() else {}
+    identity = {"teacher": file_digest(DIGITS_TEACHER / "unet" / "diffusion_pytorch_model.safetensors"),
+                "evaluator": file_digest(DIGITS_CLASSIFIER), "num_samples": cfg.num_samples, "seed": seed}
+
+    def key(steps: int, scale: float) -> str:
+        return json.dumps({**identity, "steps": steps, "guidance_scale": scale}, sort_keys=True)
+
+    teacher = None
+    rows = []
+    for scale in cfg.teacher_guidance_scales:
+        missing = tuple(steps for steps in cfg.teacher_steps if key(steps, scale) not in cache)
+        if missing:
+            print(f"[bench] scoring the teacher at {missing} steps, CFG {scale:g}, seed {seed}", flush=True)
+            teacher = teacher or load_pipeline(str(DIGITS_TEACHER))
+            for result in report.evaluate(teacher, "teacher", missing, (scale,), prompts, scorers, grids, seed=seed):
+                cache[key(result.num_inference_steps, scale)] = asdict(result)
+        rows += [report.Result(**cache[key(steps, scale)]) for steps in cfg.teacher_steps]
+    if cfg.cache_teacher_rows:
+        cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    return rows
 
 
 def train_copies_cell(row: dict) -> str:
@@ -130,24 +176,40 @@ def train_copies_cell(row: dict) -> str:
     return "–" if share is None else f"{share:.3f}"
 
 
+def by_setting(summary: dict) -> dict[tuple, list[dict]]:
+    """The rows of each (model, steps, CFG), one per seed in the order scored (a summary written before
+    rows had seeds has one each)."""
+    grouped: dict[tuple, list[dict]] = {}
+    for row in summary["results"]:
+        grouped.setdefault((row["model"], row["num_inference_steps"], row["guidance_scale"]), []).append(row)
+    return grouped
+
+
 def markdown(summary: dict) -> str:
-    """The README's Results tables from a ``results.json`` summary."""
+    """The README's Results tables from a ``results.json`` summary: a row per (model, steps, CFG), with
+    quality at every seed (``a / b``) and speed from the first."""
     m, reference = summary["machine"], summary["reference"]
+    seeds = summary["config"].get("seeds", [summary["config"]["seed"]])
+    references = " / ".join(f"{row['fd_digits']:.3f}" for row in summary.get("references", {"": reference}).values())
     lines = [
         f"Measured {m['date']} on {m['cpu']} ({m['cpu_cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}), "
-        f"torch {m['torch']}, by `{summary['command']}`. {summary['num_samples']:,} samples per row; "
-        f"real-vs-real FD-digits floor {summary['real_vs_real_fd_digits']:.3f}. Ratios are against the teacher's "
-        f"{reference['num_inference_steps']}-step CFG {reference['guidance_scale']:g} row "
-        f"(FD {reference['fd_digits']:.3f}); speed-ups are images/s ratios measured in the same run, beside the NFE ratio.",
+        f"torch {m['torch']}, by `{summary['command']}`. {summary['num_samples']:,} samples per row at sampling "
+        f"seed{'s' if len(seeds) > 1 else ''} {' / '.join(str(seed) for seed in seeds)}; real-vs-real FD-digits floor "
+        f"{summary['real_vs_real_fd_digits']:.3f}. Ratios are against the teacher's "
+        f"{reference['num_inference_steps']}-step CFG {reference['guidance_scale']:g} row at the same seed "
+        f"(FD {references}); speed-ups are images/s ratios at the first seed, beside the NFE ratio (a teacher row "
+        "reused from `teacher_rows.json` keeps the images/s of the run that scored it).",
         "",
         "| model | steps | CFG | NFE | FD-digits | FD / teacher | prompt acc. | train copies | images/s | speed-up (wall) | speed-up (NFE) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in summary["results"]:
+    for (model, steps, scale), rows in by_setting(summary).items():
+        first = rows[0]
+        fd, ratio, accuracy = (" / ".join(form.format(r[name]) for r in rows) for name, form in
+                               (("fd_digits", "{:.3f}"), ("fd_ratio_to_teacher", "{:.2f}×"), ("prompt_accuracy", "{:.3f}")))
         lines.append(
-            f"| {r['model']} | {r['num_inference_steps']} | {r['guidance_scale']:g} | {r['nfe']} | {r['fd_digits']:.3f} | "
-            f"{r['fd_ratio_to_teacher']:.2f}× | {r['prompt_accuracy']:.3f} | {train_copies_cell(r)} | {r['images_per_s']:.1f} | "
-            f"{r['speedup_wall']:.1f}× | {r['speedup_nfe']:.0f}× |"
+            f"| {model} | {steps} | {scale:g} | {first['nfe']} | {fd} | {ratio} | {accuracy} | {train_copies_cell(first)} | "
+            f"{first['images_per_s']:.1f} | {first['speedup_wall']:.1f}× | {first['speedup_nfe']:.0f}× |"
         )
     lines += ["", "| recipe | training steps | training time (min) | steps/s | peak RSS (GiB) | best validation FD (step) |",
               "|---|---|---|---|---|---|"]
@@ -169,29 +231,29 @@ def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
     # 1. train every recipe, each in its own process (clean timings and peak memory)
     runs = {recipe: train_recipe(cfg, recipe, output_dir / "runs" / recipe) for recipe in cfg.recipes}
 
-    # 2. score every student and the teacher here, on the same prompts, noise and evaluator
+    # 2. score every student and the teacher, at every seed on the same prompts, noise and evaluator
     prompts = digits.evaluation_prompts(cfg.num_samples)
     scorers = report.Scorers(digits=DigitsEvaluator())
     grids = output_dir / "grids"
     results: list[report.Result] = []
-    for recipe in cfg.recipes:
-        print(f"[bench] scoring {recipe} at {cfg.student_steps} steps", flush=True)
-        student, guidance_scale = export.load_student(output_dir / "runs" / recipe / "student")
-        results += report.evaluate(student, recipe, cfg.student_steps, (guidance_scale,), prompts, scorers, grids, seed=cfg.seed)
-    print(f"[bench] scoring the teacher at {cfg.teacher_steps} steps, CFG {cfg.teacher_guidance_scales}", flush=True)
-    teacher = load_pipeline(str(DIGITS_TEACHER))
-    results += report.evaluate(teacher, "teacher", cfg.teacher_steps, cfg.teacher_guidance_scales, prompts, scorers,
-                               grids, seed=cfg.seed)
+    for seed in cfg.seeds:
+        for recipe in cfg.recipes:
+            print(f"[bench] scoring {recipe} at {cfg.student_steps} steps, seed {seed}", flush=True)
+            student, guidance_scale = export.load_student(output_dir / "runs" / recipe / "student")
+            results += report.evaluate(student, recipe, cfg.student_steps, (guidance_scale,), prompts, scorers, grids,
+                                       seed=seed)
+        results += teacher_rows(cfg, prompts, scorers, grids, seed)
 
-    # 3. ratios against the teacher's most-step best-guidance row; tables, plots, JSON
+    # 3. ratios against the teacher's most-step best-guidance row at the same seed; tables, plots, JSON
     floor = scorers.digits.real_floor(cfg.num_samples)
     most_steps = max(cfg.teacher_steps)
-    reference = min((r for r in results if r.model == "teacher" and r.num_inference_steps == most_steps),
-                    key=lambda r: r.fd_digits)
+    references = {seed: min((r for r in results if r.model == "teacher" and r.num_inference_steps == most_steps
+                             and r.seed == seed), key=lambda r: r.fd_digits) for seed in cfg.seeds}
     summary = {
         "command": command, "machine": machine(), "config": asdict(cfg), "num_samples": cfg.num_samples,
-        "real_vs_real_fd_digits": floor, "reference": asdict(reference),
-        "results": _ratio_rows(results, reference),
+        "real_vs_real_fd_digits": floor, "reference": asdict(references[cfg.seeds[0]]),
+        "references": {str(seed): asdict(row) for seed, row in references.items()},
+        "results": _ratio_rows(results, references),
         "recipes": {
             recipe: {"training": outcome["training"], "wall_seconds": outcome["wall_seconds"], "config": outcome["config"],
                      "validation_curve": plots.validation_curve(output_dir / "runs" / recipe / "train_log.jsonl")}
@@ -215,9 +277,9 @@ def draw(summary: dict, output_dir: Path) -> None:
         "real vs real": summary["real_vs_real_fd_digits"],
     }
     by_model: dict[str, list[tuple[int, float]]] = {}
-    for r in summary["results"]:
-        name = r["model"] if r["model"] != "teacher" else f"teacher, CFG {r['guidance_scale']:g}"
-        by_model.setdefault(name, []).append((r["num_inference_steps"], r["fd_digits"]))
+    for (model, steps, scale), rows in by_setting(summary).items():  # at the first seed
+        name = model if model != "teacher" else f"teacher, CFG {scale:g}"
+        by_model.setdefault(name, []).append((steps, rows[0]["fd_digits"]))
     plots.plot_fd_against_sampling_steps(by_model, output_dir / "fd_vs_sampling_steps.png", levels)
     runs = summary["recipes"].items()
     minutes = {name: [(seconds / 60, fd) for _, seconds, fd in run["validation_curve"]] for name, run in runs}
@@ -232,7 +294,8 @@ def draw_grids(summary: dict, output_dir: Path) -> None:
     reference = summary["reference"]
     images = {f"teacher, {reference['num_inference_steps']} steps, CFG {reference['guidance_scale']:g}":
               output_dir / "grids" / f"grid_teacher_steps{reference['num_inference_steps']}_cfg{reference['guidance_scale']:g}.png"}
-    for r in summary["results"]:
+    for rows in by_setting(summary).values():
+        r = rows[0]
         if r["model"] != "teacher" and r["num_inference_steps"] in (1, 4):
             step_word = "step" if r["num_inference_steps"] == 1 else "steps"
             images[f"{r['model']}, {r['num_inference_steps']} {step_word}"] = (

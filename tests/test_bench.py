@@ -10,6 +10,9 @@ from notebook_runner import execute, printed
 
 from stepdistill import bench
 from stepdistill.config import ConfigError
+from stepdistill.data import digits
+from stepdistill.evaluation import report
+from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 
 RECIPE_FLAGS = "--train_batch_size 4 --num_threads 1"
 
@@ -18,8 +21,9 @@ RECIPE_FLAGS = "--train_batch_size 4 --num_threads 1"
 def summary(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("bench")
     cfg = bench.BenchConfig(
-        output_dir=str(output_dir), max_train_steps=1, num_samples=20, student_steps=(1, 2), teacher_steps=(1, 2),
-        teacher_guidance_scales=(1.5,), validation_steps=1, recipe_flags=RECIPE_FLAGS,
+        output_dir=str(output_dir), max_train_steps=1, num_samples=20, validation_samples=20, seeds=(0, 1),
+        student_steps=(1, 2), teacher_steps=(1, 2), teacher_guidance_scales=(1.5,), validation_steps=1,
+        recipe_flags=RECIPE_FLAGS,
     )
     cfg.validate()
     return bench.run(cfg), output_dir
@@ -33,12 +37,15 @@ def test_bench_trains_every_recipe_and_scores_side_by_side(summary):
         assert run["training"]["steps"] == 1, name
         assert run["training"]["peak_memory_bytes"] > 2**20, name  # a real RSS, in bytes
         assert [step for step, _, _ in run["validation_curve"]] == [1], name
-    rows = {(r["model"], r["num_inference_steps"]): r for r in result["results"]}
-    assert len(rows) == 3 * 2 + 2
-    reference = rows[("teacher", 2)]  # the most-step teacher row at its best guidance
-    assert result["reference"]["fd_digits"] == reference["fd_digits"]
-    assert reference["fd_ratio_to_teacher"] == 1 and reference["speedup_wall"] == 1
-    assert rows[("dmd2", 1)]["speedup_nfe"] == 4  # 2 CFG steps (4 calls) against 1 call
+    rows = {(r["model"], r["num_inference_steps"], r["seed"]): r for r in result["results"]}
+    assert len(rows) == len(result["results"]) == (3 * 2 + 2) * 2  # every setting at both seeds
+    for seed in (0, 1):
+        reference = rows[("teacher", 2, seed)]  # the most-step teacher row at its best guidance, per seed
+        assert result["references"][str(seed)]["fd_digits"] == reference["fd_digits"]
+        assert reference["fd_ratio_to_teacher"] == 1 and reference["speedup_wall"] == 1
+        assert rows[("dmd2", 1, seed)]["fd_ratio_to_teacher"] == rows[("dmd2", 1, seed)]["fd_digits"] / reference["fd_digits"]
+    assert rows[("dmd2", 1, 0)]["fd_digits"] != rows[("dmd2", 1, 1)]["fd_digits"]  # other noise, other samples
+    assert rows[("dmd2", 1, 0)]["speedup_nfe"] == 4  # 2 CFG steps (4 calls) against 1 call
     for row in result["results"]:
         assert math.isfinite(row["fd_digits"]) and 0 <= row["prompt_accuracy"] <= 1
         assert 0 <= row["train_copy_share"] <= 1
@@ -46,7 +53,8 @@ def test_bench_trains_every_recipe_and_scores_side_by_side(summary):
     assert on_disk["results"] == result["results"]
     table = (output_dir / "results.md").read_text()
     assert all(f"| {name} | 1 |" in table for name in bench.BENCHMARKED_RECIPES)
-    assert "| train copies |" in table and f"| {rows[('dmd2', 1)]['train_copy_share']:.3f} |" in table
+    assert "| train copies |" in table and f"| {rows[('dmd2', 1, 0)]['train_copy_share']:.3f} |" in table
+    assert f"| {rows[('dmd2', 1, 0)]['fd_digits']:.3f} / {rows[('dmd2', 1, 1)]['fd_digits']:.3f} |" in table
     for name in ("fd_vs_sampling_steps.png", "fd_vs_training_time.png", "grids.png"):
         assert (output_dir / name).stat().st_size > 0
 
@@ -59,11 +67,31 @@ def test_compare_notebook_runs_on_a_fresh_benchmark(summary, tmp_path, monkeypat
     assert "best student:" in printed(notebook)
 
 
+def test_teacher_rows_are_scored_once_per_teacher_evaluator_samples_and_seed(tmp_path, monkeypatch):
+    cfg = bench.BenchConfig(output_dir=str(tmp_path), num_samples=10, teacher_steps=(1, 2), teacher_guidance_scales=(1.5,))
+    prompts, scorers = digits.evaluation_prompts(10), report.Scorers(digits=DigitsEvaluator())
+    scored = bench.teacher_rows(cfg, prompts, scorers, tmp_path / "grids", seed=0)
+    assert [(r.num_inference_steps, r.seed) for r in scored] == [(1, 0), (2, 0)]
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cached teacher row was scored again")
+
+    monkeypatch.setattr(bench.report, "evaluate", no_sampling)
+    assert bench.teacher_rows(cfg, prompts, scorers, tmp_path / "grids", seed=0) == scored
+    monkeypatch.undo()
+    other_seed = bench.teacher_rows(cfg, prompts, scorers, tmp_path / "grids", seed=1)
+    assert [r.seed for r in other_seed] == [1, 1] and other_seed[0].fd_digits != scored[0].fd_digits
+    cfg.num_samples = 12  # other samples: scored anew
+    assert [r.num_samples for r in bench.teacher_rows(cfg, digits.evaluation_prompts(12), scorers, tmp_path / "grids",
+                                                      seed=0)] == [12, 12]
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
         ({"recipes": ("dmd3",)}, "no recipe 'dmd3'"),
-        ({"num_samples": 1}, "--num_samples must be ≥ 2"),
+        ({"num_samples": 1}, "--num_samples and --validation_samples must be ≥ 2"),
+        ({"seeds": ()}, "--seeds needs at least one seed"),
         ({"student_steps": (0, 1)}, "--student_steps must be ≥ 1"),
         ({"max_train_steps": 0}, "--max_train_steps must be ≥ 1"),
     ],

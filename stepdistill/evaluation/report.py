@@ -30,6 +30,7 @@ class Result:
     nfe: int
     num_samples: int
     images_per_s: float
+    seed: int = 0
     fd_digits: float | None = None
     prompt_accuracy: float | None = None
     train_copy_share: float | None = None
@@ -73,6 +74,7 @@ def evaluate(
                 nfe=number_of_function_evaluations(pipe, num_steps, guidance_scale),
                 num_samples=len(prompts),
                 images_per_s=len(prompts) / seconds,
+                seed=seed,
             )
             if scorers.digits is not None:
                 scores = scorers.digits.evaluate(images, prompts)
