@@ -138,12 +138,12 @@ def main(cfg: ConsistencyConfig) -> None:
     sampled_guidance = low if cfg.guidance_embedding else 1.0
     sampled = guidance_embedding.AtGuidanceScale(student, low) if cfg.guidance_embedding else student
 
-    # 4. train; an EMA target is checkpointed with the student (a prepared module without trainable
-    #    weights) and moves after every student update (method.after_generator_update): θ⁻ ← μ θ⁻ + (1 − μ) θ
+    # 4. train; an EMA target moves after every student update (method.after_generator_update):
+    #    θ⁻ ← μ θ⁻ + (1 − μ) θ, and every checkpoint keeps it (method.state_dict)
     trainer = Trainer(
         run.trainer_config(cfg),
         method,
-        generator_modules=[nets.student.network, *([method.target] if method.ema_target else [])],
+        generator_modules=[nets.student.network],
         generator_parameters=nets.generator_parameters(),
         critic_modules=[],
         critic_parameters=[],

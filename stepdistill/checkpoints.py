@@ -16,7 +16,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE, EMA_WEIGHTS = "trainer_state.json", "ema.safetensors"
+TRAINER_STATE, EMA_WEIGHTS, METHOD_STATE = "trainer_state.json", "ema.safetensors", "method.safetensors"
 CHECKPOINT_MANIFEST = "stepdistill_checkpoint.json"  # written last: the names and sizes of a checkpoint's files
 
 

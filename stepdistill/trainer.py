@@ -38,11 +38,12 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
 from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from stepdistill import checkpoints
-from stepdistill.checkpoints import EMA_WEIGHTS, TRAINER_STATE
+from stepdistill.checkpoints import EMA_WEIGHTS, METHOD_STATE, TRAINER_STATE
 from stepdistill.config import ConfigError
 from stepdistill.ema import EMA
 from stepdistill.methods.base import Batch, Losses, Method
@@ -337,6 +338,10 @@ class Trainer:
             (partial / TRAINER_STATE).write_text(json.dumps({"progress": self.progress.state_dict(), "lr_schedulers": schedulers}))
             if self.ema is not None:
                 self.ema.save(partial / EMA_WEIGHTS)
+            method_state = self.method.state_dict() if hasattr(self.method, "state_dict") else {}
+            if method_state:
+                save_file({name: tensor.detach().contiguous().cpu() for name, tensor in method_state.items()},
+                          str(partial / METHOD_STATE))
             checkpoints.write_manifest(partial, self.progress.step)
             if final.exists():
                 shutil.rmtree(final)
@@ -375,7 +380,8 @@ class Trainer:
 
     def resume(self, request: str) -> None:
         """Load the checkpoint ``request`` names (see :func:`checkpoints.find_checkpoint`): weights,
-        optimisers, RNG states, progress, schedules, EMA; ``latest`` before any checkpoint starts afresh."""
+        optimisers, RNG states, progress, schedules, EMA, the method's own state; ``latest`` before any
+        checkpoint starts afresh."""
         checkpoint = checkpoints.find_checkpoint(self.cfg.output_dir, request)
         if checkpoint is None:
             logger.info(f"no checkpoint in {self.cfg.output_dir} yet: starting a new run", main_process_only=True)
@@ -390,6 +396,13 @@ class Trainer:
                 self.ema.load(checkpoint / EMA_WEIGHTS)
             except ValueError as error:
                 raise checkpoints.CheckpointError(str(error)) from None
+        if hasattr(self.method, "load_state_dict"):
+            saved = checkpoint / METHOD_STATE
+            try:
+                self.method.load_state_dict(load_file(str(saved)) if saved.is_file() else {})
+            except (RuntimeError, KeyError) as error:
+                raise checkpoints.CheckpointError(f"{checkpoint} does not hold this method's state "
+                                                  f"({str(error).splitlines()[0]})") from None
         logger.info(f"resumed from {checkpoint} at step {self.progress.step}", main_process_only=True)
         self._truncate_log()
 

@@ -153,6 +153,41 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
     torch.testing.assert_close(second.ema.shadow, full.ema.shadow, atol=0, rtol=0)
 
 
+class StatefulMethod(CountingMethod):
+    """The toy with state of its own outside the optimised networks: a running mean of the generator's weight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mean = torch.zeros(1, 2)
+
+    def after_generator_update(self):
+        self.mean = 0.5 * self.mean + 0.5 * self.generator.weight.detach()
+
+    def state_dict(self):
+        return {"mean": self.mean}
+
+    def load_state_dict(self, state):
+        self.mean = state["mean"]
+
+
+def stateful_trainer(tmp_path, steps, **overrides):
+    trainer, method = make_trainer(tmp_path, critic_steps=1, steps=steps, **overrides)
+    trainer.method = StatefulMethod(1, method.generator, method.critic)
+    return trainer, trainer.method
+
+
+def test_a_methods_own_state_is_checkpointed_and_resumed_exactly(tmp_path):
+    full, full_method = stateful_trainer(tmp_path / "full", steps=4)
+    full.fit()
+    first, _ = stateful_trainer(tmp_path / "split", steps=2, checkpointing_steps=2)
+    first.fit()
+    assert (tmp_path / "split" / "checkpoint-2" / "method.safetensors").is_file()
+    second, resumed = stateful_trainer(tmp_path / "split", steps=4, resume_from_checkpoint="latest")
+    second.fit()
+    assert resumed.generator_calls == 2
+    torch.testing.assert_close(resumed.mean, full_method.mean, atol=0, rtol=0)
+
+
 def test_old_checkpoints_are_pruned(tmp_path):
     trainer, _ = make_trainer(tmp_path, steps=6, checkpointing_steps=1, checkpoints_total_limit=2)
     trainer.fit()

@@ -46,3 +46,6 @@ class Method(Protocol):
 
     # optional: ``after_generator_update()``, called once after every applied student update
     # (e.g. to move a consistency model's EMA target); skipped updates do not call it.
+    # optional: ``state_dict() -> dict[str, Tensor]`` and ``load_state_dict(state)``, the method's own
+    # state outside the optimised networks (a consistency model's EMA target), which every checkpoint
+    # keeps and a resumed run restores.

@@ -182,6 +182,17 @@ class ConsistencyDistillation:
         """Whether f_θ⁻ is a frozen EMA copy (to checkpoint and to update after each student step)."""
         return self.target_ema_decay > 0
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA target's weights (none without one): the trainer keeps them in every checkpoint."""
+        return dict(self.target.state_dict()) if self.ema_target else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the EMA target from a checkpoint (an empty ``state`` for a run without one)."""
+        if self.ema_target:
+            self.target.load_state_dict(state)
+        elif state:
+            raise KeyError(f"the checkpoint holds an EMA target ({len(state)} tensors) but this run has none")
+
     def after_generator_update(self) -> None:
         """The trainer's hook after each applied student update: move an EMA target."""
         if self.ema_target:

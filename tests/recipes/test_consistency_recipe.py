@@ -48,9 +48,10 @@ def test_full_weights_with_ema_target_checkpoint_and_resume(consistency, tiny_pi
                        checkpointing_steps=2, eval_num_samples=0)
     consistency.main(cfg)
     assert type(load_pipeline(tmp_path / "student").scheduler).__name__ == "LCMScheduler"
-    # the EMA target is checkpointed beside the student, and it moved: θ⁻ = ½ θ⁻ + ½ θ after each update
+    # the EMA target is checkpointed as the method's state, and it moved: θ⁻ = ½ θ⁻ + ½ θ after each update
     checkpoint = tmp_path / "checkpoint-2"
-    student, target = load_file(str(checkpoint / "model.safetensors")), load_file(str(checkpoint / "model_1.safetensors"))
+    student, target = load_file(str(checkpoint / "model.safetensors")), load_file(str(checkpoint / "method.safetensors"))
+    assert not (checkpoint / "model_1.safetensors").exists()  # the student is the one prepared module
     teacher = load_pipeline(tiny_pipeline_dir).unet.state_dict()
     name = "conv_in.weight"
     assert not (target[f"denoiser.network.{name}"] == teacher[name]).all()
