@@ -132,6 +132,13 @@ def _arity(kind: Any, one_per_argument: bool) -> dict:
     return {}
 
 
+def _help_text(metadata: dict, default: Any) -> str:
+    """A flag's help, its default (unless the help already says it in words) and its allowed range."""
+    text, rules = metadata.get("help", ""), metadata.get("rules")
+    notes = ([] if "(default:" in text else [f"default: {default}"]) + ([_rules_text(rules)] if rules else [])
+    return f"{text} ({'; '.join(notes)})" if notes else text
+
+
 def _type_name(kind: Any, one_per_argument: bool) -> str:
     element = _element_type(kind)
     if one_per_argument:
@@ -184,8 +191,7 @@ def parse(
             **_arity(kind, one_per_argument),
             default=argparse.SUPPRESS,
             metavar=_type_name(kind, one_per_argument),
-            help=f"{f.metadata.get('help', '')} (default: {default}"
-                 + (f"; {_rules_text(f.metadata['rules'])})" if f.metadata.get("rules") else ")"),
+            help=_help_text(f.metadata, default),
         )
     args = {name: tuple(value) if isinstance(value, list) else value
             for name, value in vars(parser.parse_args(sys.argv[1:] if argv is None else argv)).items()}

@@ -38,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, set_seed
 from diffusers.optimization import get_scheduler
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -386,7 +387,14 @@ class Trainer:
         if checkpoint is None:
             logger.info(f"no checkpoint in {self.cfg.output_dir} yet: starting a new run", main_process_only=True)
             return
-        self.accelerator.load_state(str(checkpoint))
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as error:  # other networks, or damage
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise checkpoints.CheckpointError(
+                f"cannot load {checkpoint} ({first_line}): it was written by a run with other networks or flags "
+                "(resume with the flags in the run's config.json), or its files are damaged (give the checkpoint "
+                "before it)") from None
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
         self.progress.load_state_dict(state["progress"])
         for role, scheduler in self.lr_schedulers.items():

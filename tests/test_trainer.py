@@ -277,3 +277,17 @@ def test_a_disk_too_small_for_checkpoints_is_refused_before_training(tmp_path, m
     with pytest.raises(DiskSpaceError, match="0.00 GB free but checkpoints need about"):
         trainer.fit()
     assert method.generator_calls == 0
+
+
+def test_a_checkpoint_of_other_networks_or_damaged_in_place_is_one_clear_error(tmp_path):
+    trainer, _ = make_trainer(tmp_path, steps=2, checkpointing_steps=2)
+    trainer.fit()
+    bigger, _ = make_trainer(tmp_path, steps=4, resume_from_checkpoint="latest")
+    bigger.modules[0].weight = nn.Parameter(torch.zeros(1, 3))  # not the network that was checkpointed
+    with pytest.raises(CheckpointError, match="cannot load .*checkpoint-2 .*other networks or flags"):
+        bigger.fit()
+    weights = tmp_path / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(b"\0" * 32 + weights.read_bytes()[32:])  # the same size, its header overwritten
+    resumed, _ = make_trainer(tmp_path, steps=4, resume_from_checkpoint="latest")
+    with pytest.raises(CheckpointError, match="cannot load .*checkpoint-2 .*damaged"):
+        resumed.fit()

@@ -23,8 +23,9 @@ INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 def command_line(config_cls: type, main: Callable, prog: str) -> None:
     """A recipe's ``__main__``: parse the flags into ``config_cls``, run ``main``; bad input ends
-    with one ``error:`` line (exit status 1) instead of a traceback, and so does a diverged run.
-    Ctrl-C ends with a line saying how to resume (exit status 130)."""
+    with one ``error:`` line instead of a traceback (exit status 2 from the flags' own checks, 1 from
+    what the run meets later), and so does a diverged run. Ctrl-C ends with a line saying how to
+    resume (exit status 130)."""
     recipe = Path(prog).stem
     presets = {path.stem: path for path in PRESETS_DIR.glob(f"{recipe}_*.yaml")}  # this recipe's own
     cfg = configs.parse(config_cls, prog=prog, presets=presets)
@@ -47,6 +48,6 @@ def command_line(config_cls: type, main: Callable, prog: str) -> None:
         raise SystemExit(INTERRUPTED_STATUS) from None
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:  # one line for a multi-process run
-            print("interrupted; resume from the newest checkpoint, if any, with --resume_from_checkpoint latest",
-                  file=sys.stderr)
+            print("interrupted (a run stopped while training resumes from its newest checkpoint, if it wrote any, "
+                  "with --resume_from_checkpoint latest)", file=sys.stderr)
         raise SystemExit(INTERRUPTED_STATUS) from None

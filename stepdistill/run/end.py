@@ -91,6 +91,9 @@ def final_report(
         images, _ = generate(student, prompts[:16], cfg.num_student_steps, student_guidance_scale, seed=cfg.seed,
                              resolution=teacher.resolution)
         save_grid(images, output_dir / "student_grid.png", num_columns=4)
+        print(f"no scores: the digits metrics need digit prompts at 32×32 (this run: {teacher.resolution} px); wrote "
+              f"{output_dir / 'student_grid.png'} (score other models with python -m stepdistill evaluate --clip_model "
+              "/ --inception_weights)")
     plots.plot_validation_curve(  # nothing without digits validations; teacher and floor lines when scored
         output_dir / "train_log.jsonl", output_dir / "validation_curve.png",
         next((r.fd_digits for r in results if r.model == "teacher"), None), extra.get("real_vs_real_fd_digits"),

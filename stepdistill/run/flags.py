@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 from diffusers import DDIMScheduler  # any scheduler class reads any scheduler config
@@ -113,9 +114,12 @@ class RunConfig:
             raise ConfigError("--eval_num_samples must be 0 (no report) or ≥ 2 (FD needs two samples)")
         if self.use_lora and self.gradient_checkpointing:
             raise ConfigError(
-                "--use_lora with --gradient_checkpointing is not supported: the recomputed forward would run with "
-                "the wrong adapter active; drop one of the two"
+                "--gradient_checkpointing needs full weights (--use_lora false): with LoRA adapters the recomputed "
+                "forward would run with the wrong adapter active"
             )
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("--mixed_precision fp16 needs a CUDA GPU (on the CPU accelerate runs fp32 instead); use "
+                              "bf16 or no")
         if self.report_to not in ("auto", "none") and self.report_to not in get_available_trackers():
             raise ConfigError(f"--report_to {self.report_to}: the package is not installed (pip install {self.report_to})")
         if self.prompts_file and self.train_data_dir:
@@ -192,7 +196,7 @@ class FakeScoreConfig(RunConfig):
         super().validate()
         if self.uses_gan and self.prompts_file:
             raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
-                              "or set the GAN weights to 0")
+                              "or --gan_generator_weight 0 --gan_critic_weight 0")
         scheduler_config = self.teacher_scheduler_config()
         last = scheduler_config["num_train_timesteps"] - 1
         if "FlowMatch" in scheduler_config.get("_class_name", ""):

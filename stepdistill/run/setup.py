@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from stepdistill import conditioning, export
 from stepdistill import config as configs
+from stepdistill.config import ConfigError
 from stepdistill.data import digits, prompts as user_data
 from stepdistill.diffusion import FlowProcess
 from stepdistill.methods.base import Batch
@@ -22,6 +25,8 @@ from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.run.flags import FakeScoreConfig, RunConfig
 from stepdistill.trainer import make_accelerator, require_data_parallel, set_cpu_threads
+
+logger = logging.getLogger(__name__)
 
 
 def start(cfg: RunConfig) -> Accelerator:
@@ -38,12 +43,32 @@ def start(cfg: RunConfig) -> Accelerator:
     return accelerator
 
 
+# Flags a resumed run may change without changing what its checkpoints continue.
+RESUMABLE_CHANGES = frozenset({
+    "resume_from_checkpoint", "max_train_steps", "output_dir", "dry_run", "num_threads", "checkpointing_steps",
+    "checkpoints_total_limit", "report_to", "tracker_project_name", "logging_dir", "validation_steps",
+    "validation_prompts", "num_validation_images", "eval_num_samples", "teacher_eval_steps",
+    "teacher_eval_guidance_scale", "allow_tf32",
+})
+
+
 def open_output(cfg: RunConfig, accelerator: Accelerator, name: str) -> None:
     """Create the output folder with ``config.json`` and start the trackers: call once the teacher
-    and data have loaded, so that a run refused for bad input leaves nothing behind."""
+    and data have loaded, so that a run refused for bad input leaves nothing behind. A resumed run
+    whose flags differ from the ``config.json`` it continues says which, in one warning line."""
+    path = Path(cfg.output_dir) / "config.json"
     if accelerator.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        configs.save(cfg, Path(cfg.output_dir) / "config.json")
+        if cfg.resume_from_checkpoint and path.is_file():
+            before, now = json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+            changed = [f"--{key} {before.get(key)} → {value}" for key, value in now.items()
+                       if key not in RESUMABLE_CHANGES and before.get(key) != value]
+            if changed:
+                logger.warning("resuming with flags other than those of the run it continues: " + ", ".join(changed))
+        try:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--output_dir {cfg.output_dir} cannot be created ({error.strerror})") from None
+        configs.save(cfg, path)
     tracked = {key: str(value) if value is None else value for key, value in vars(cfg).items()}
     accelerator.init_trackers(cfg.tracker_project_name or f"stepdistill-{name}", config=tracked)
 

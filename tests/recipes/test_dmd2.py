@@ -116,7 +116,8 @@ def test_the_regression_term_trains_in_the_recipe(dmd2, tiny_pipeline_dir, tmp_p
         (["--output_dir", "README.md"], "--output_dir README.md is a file"),
         (["--num_student_steps", "51"], "--num_student_steps must be ≤ 50"),
         (["--eval_num_samples", "1"], "--eval_num_samples must be 0"),
-        (["--use_lora", "true", "--gradient_checkpointing", "true"], "--use_lora with --gradient_checkpointing"),
+        (["--use_lora", "true", "--gradient_checkpointing", "true"], "--gradient_checkpointing needs full weights"),
+        (["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU"),
         (["--prompts_file", "a.txt", "--train_data_dir", "b"], "not both"),
         (["--train_data_dir", "tests"], "needs a metadata.jsonl"),
         (["--guidance_scale", "-1"], "--guidance_scale must be ≥ 0"),
@@ -271,3 +272,27 @@ def test_allow_tf32_and_tracker_project_name_reach_torch_and_the_trackers(dmd2, 
     monkeypatch.setattr(accelerator, "init_trackers", lambda name, config: projects.append(name))
     run.open_output(cfg, accelerator, "dmd2")
     assert projects == ["digits-runs"] and (tmp_path / "config.json").is_file()
+
+
+def test_resuming_with_other_flags_says_which_in_one_line(dmd2, tmp_path, caplog):
+    from stepdistill import run
+
+    first = configs.parse(dmd2.DMD2Config, ["--output_dir", str(tmp_path), "--report_to", "none"])
+    accelerator = run.start(first)
+    run.open_output(first, accelerator, "dmd2")
+    resumed = configs.parse(dmd2.DMD2Config, ["--output_dir", str(tmp_path), "--report_to", "none",
+                                              "--resume_from_checkpoint", "latest", "--max_train_steps", "600",
+                                              "--learning_rate", "1e-3", "--train_batch_size", "4"])
+    with caplog.at_level("WARNING"):
+        run.open_output(resumed, accelerator, "dmd2")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning == ("resuming with flags other than those of the run it continues: --train_batch_size 32 → 4, "
+                       "--learning_rate 3e-05 → 0.001")  # a longer run is no change to what it continues
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(dmd2, tmp_path):
+    from stepdistill import run
+
+    cfg = configs.parse(dmd2.DMD2Config, ["--output_dir", "/proc/stepdistill-run", "--report_to", "none"])
+    with pytest.raises(ConfigError, match="--output_dir /proc/stepdistill-run cannot be created"):
+        run.open_output(cfg, run.start(cfg), "dmd2")
