@@ -51,7 +51,8 @@ def export_student(
         export.export_full(teacher.pipeline, student_network, student_dir, cfg.num_student_steps, scheduler,
                            guidance_scale, teacher.resolution)
     steps = trainer.progress.step
-    print(f"trained {steps} step{'' if steps == 1 else 's'} in {trainer.progress.seconds / 60:.1f} min; student written to {student_dir}")
+    print(f"student written to {student_dir} after {steps} training step{'' if steps == 1 else 's'} "
+          f"({trainer.progress.seconds / 60:.1f} min of training, resumed runs' earlier steps included)")
     return student_dir
 
 
