@@ -140,6 +140,9 @@ class Progress:
         self.consecutive_skips = state["consecutive_skips"]
 
 
+FP16_ON_CPU = "--mixed_precision fp16 needs a CUDA GPU (on the CPU accelerate runs fp32 instead); use bf16 or no"
+
+
 def make_accelerator(
     mixed_precision: str | None, report_to: str, output_dir: str | Path, logging_dir: str | Path = "logs",
 ) -> Accelerator:
@@ -158,8 +161,7 @@ def make_accelerator(
         cpu=world_size > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo, not N lone runs
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("--mixed_precision fp16 needs a CUDA GPU (on the CPU accelerate runs fp32 instead); use bf16 "
-                          "or no")
+        raise ConfigError(FP16_ON_CPU)
     if accelerator.num_processes != world_size:
         raise ConfigError(
             f"launched as {world_size} processes but accelerate set up {accelerator.num_processes}; "

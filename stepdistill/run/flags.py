@@ -17,6 +17,7 @@ from stepdistill.config import ConfigError, field
 from stepdistill.diffusion import TIMESTEP_SAMPLINGS
 from stepdistill.models.loading import PipelineError, require_pipeline_location
 from stepdistill.checkpoints import CheckpointError, find_checkpoint
+from stepdistill.trainer import FP16_ON_CPU
 
 
 LR_SCHEDULES = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
@@ -118,8 +119,7 @@ class RunConfig:
                 "forward would run with the wrong adapter active"
             )
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("--mixed_precision fp16 needs a CUDA GPU (on the CPU accelerate runs fp32 instead); use "
-                              "bf16 or no")
+            raise ConfigError(FP16_ON_CPU)
         if self.report_to not in ("auto", "none") and self.report_to not in get_available_trackers():
             raise ConfigError(f"--report_to {self.report_to}: the package is not installed (pip install {self.report_to})")
         if self.prompts_file and self.train_data_dir:
