@@ -2,8 +2,8 @@
 
 Each field becomes ``--field_name``: a boolean one also takes the bare form (``--use_lora`` for
 ``--use_lora true``), a tuple is comma-separated (``--steps 1,2,4``) unless declared
-``one_per_argument`` (prompts: ``--validation_prompts "a cat, sitting" "a dog"``). The field's ``help`` metadata
-is its help text, and its declared range (``field(1, "...", at_least=1)``, ``greater_than``,
+``one_per_argument`` (prompts: ``--validation_prompts "a cat, sitting" "a dog"``). The field's
+``help`` metadata is its help text, and its declared range (``field(1, "...", at_least=1)``, ``greater_than``,
 ``below``, ``choices``) is shown there and checked by :func:`check_ranges` before ``validate()``.
 ``--config run.yaml`` (or the name of a preset) loads values first and flags given on the command
 line override them. Unknown flags and unknown YAML keys are errors, and ``validate()`` on the
@@ -243,6 +243,11 @@ def require_writable_dir(path: str | Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {existing} is not writable; give a directory you can write to")
 
 
+def as_json(config: Any) -> dict[str, Any]:
+    """The config as :func:`save` writes it and ``json`` reads it back (tuples as lists, paths as text)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
 def save(config: Any, path: str | Path) -> None:
     """Write the resolved config as JSON beside the run's outputs."""
-    Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
+    Path(path).write_text(json.dumps(as_json(config), indent=2) + "\n")

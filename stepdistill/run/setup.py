@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -59,7 +58,7 @@ def open_output(cfg: RunConfig, accelerator: Accelerator, name: str) -> None:
     path = Path(cfg.output_dir) / "config.json"
     if accelerator.is_main_process:
         if cfg.resume_from_checkpoint and path.is_file():
-            before, now = json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+            before, now = json.loads(path.read_text()), configs.as_json(cfg)
             changed = [f"--{key} {before.get(key)} → {value}" for key, value in now.items()
                        if key not in RESUMABLE_CHANGES and before.get(key) != value]
             if changed:
