@@ -33,7 +33,7 @@ from stepdistill.trainer import Trainer
 
 
 @dataclass
-class ConsistencyConfig(run.RunConfig):
+class ConsistencyConfig(run.GuidanceRangeConfig):
     """Distil a text-to-image diffusion model into a few-step consistency model (LCM, LCM-LoRA, TSCD)."""
 
     output_dir: str = field("outputs/consistency", "where checkpoints, the student and report.json go")
@@ -43,8 +43,6 @@ class ConsistencyConfig(run.RunConfig):
     learning_rate: float = field(2e-4, "student AdamW learning rate", greater_than=0)
     max_train_steps: int = field(900, "student updates", at_least=1)
     validation_steps: int = field(300, "sample, grid and score the student every N steps (0: off)", at_least=0)
-    guidance_scale_max: float | None = field(None, "teacher CFG range's upper end, w ~ U[guidance_scale, this] "
-                                                   "(default: fixed)")
     skipping_interval: int = field(20, "k: timesteps one teacher solver step spans (LCM: 20, a 50-step grid); must "
                                        "divide T", at_least=1)
     num_segments: int = field(2, "trajectory segments (Hyper-SD TSCD; 1: LCM); must divide T / skipping_interval",
@@ -59,15 +57,8 @@ class ConsistencyConfig(run.RunConfig):
                                     "(DDPM-family teachers); exported", greater_than=0)
     eval_steps: tuple[int, ...] = field((1, 2, 4, 8), "student step counts scored in the final report", at_least=1)
 
-    @property
-    def guidance_range(self) -> tuple[float, float]:
-        return self.guidance_scale, self.guidance_scale if self.guidance_scale_max is None else self.guidance_scale_max
-
     def validate(self) -> None:
         super().validate()
-        low, high = self.guidance_range
-        if high < low:
-            raise ConfigError(f"--guidance_scale_max ({high}) must be ≥ --guidance_scale ({low}), the lower end")
         if self.use_lora and self.guidance_embedding:
             raise ConfigError("--guidance_embedding needs --use_lora false: LoRA cannot add the guidance projection")
         if self.use_lora and self.target_ema_decay > 0:

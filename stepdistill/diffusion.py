@@ -35,10 +35,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+
+@dataclass
+class Prediction:
+    """A denoiser's output: clean sample and noise estimates (x̂0, ε̂)."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
 
 VP_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
@@ -91,6 +100,15 @@ class NoiseProcess:
         self, t: torch.Tensor, timestep_scaling: float, like: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_skip, c_out) of a consistency function f = c_skip x_t + c_out x̂0 with f(x, 0) = x."""
+        raise NotImplementedError
+
+    def for_few_steps(self) -> NoiseProcess:
+        """This process with a parameterisation that a 1–2 step student can use at the noisiest
+        timestep, where x̂0 from ε̂ divides by α_T ≈ 0."""
+        raise NotImplementedError
+
+    def midpoint(self, t_a: torch.Tensor, t_b: torch.Tensor) -> torch.Tensor:
+        """The timesteps halfway between grid points ``t_a`` and ``t_b`` (progressive distillation's t′)."""
         raise NotImplementedError
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -175,6 +193,16 @@ class VPProcess(NoiseProcess):
         skipping_interval = self.num_train_timesteps // num_steps
         steps = torch.arange(1, num_steps + 1, dtype=torch.float64) * skipping_interval - 1
         return torch.cat([torch.zeros(1, dtype=torch.float64), steps])
+
+    def for_few_steps(self) -> VPProcess:
+        """v-prediction on the same schedule (Salimans & Ho 2022, §4: x̂0 = α_t x_t − σ_t v̂ never divides,
+        and at α_T ≈ 0 it reads x̂0 ≈ −v̂ straight off the network)."""
+        return VPProcess(self.alphas_cumprod, "v_prediction")
+
+    def midpoint(self, t_a: torch.Tensor, t_b: torch.Tensor) -> torch.Tensor:
+        """(t_a + t_b) / 2 rounded to the integer grid (half to even); −1, DDIM's clean end below
+        t = 0, may be an end point."""
+        return torch.round((torch.as_tensor(t_a).double() + torch.as_tensor(t_b).double()) / 2)
 
     def consistency_scalings(
         self, t: torch.Tensor, timestep_scaling: float, like: torch.Tensor
@@ -276,6 +304,15 @@ class FlowProcess(NoiseProcess):
         u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         u[0] = 1 / self.num_train_timesteps
         return shift_sigmas(u, self.shift) * self.num_train_timesteps
+
+    def for_few_steps(self) -> FlowProcess:
+        """The process itself: x̂0 = x_t − σ v̂ never divides, at σ = 1 included."""
+        return self
+
+    def midpoint(self, t_a: torch.Tensor, t_b: torch.Tensor) -> torch.Tensor:
+        """Halfway in the unshifted coordinate u (σ = shift(u)), so that a refined grid keeps the shift."""
+        u_a, u_b = (unshift_sigmas(self.sigmas(t), self.shift) for t in (t_a, t_b))
+        return shift_sigmas((u_a + u_b) / 2, self.shift) * self.num_train_timesteps
 
     def consistency_scalings(
         self, t: torch.Tensor, timestep_scaling: float, like: torch.Tensor
@@ -391,4 +428,23 @@ def few_step_sample(
             return x0
         fresh = draw_noise(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x = process.add_noise(x0, fresh, torch.full((batch,), float(timesteps[i + 1])))
+    raise ValueError("timesteps must not be empty")
+
+
+def ddim_sample(
+    denoise: Callable[[torch.Tensor, torch.Tensor], Prediction], noise: torch.Tensor, timesteps: Sequence[float],
+    process: NoiseProcess,
+) -> torch.Tensor:
+    """Deterministic DDIM sampling (Song et al. 2021, η = 0) on ``timesteps``, noisiest first: at each
+    step predict (x̂0, ε̂) = denoise(x, t) and move to the next timestep, x ← α_{t'} x̂0 + σ_{t'} ε̂
+    (:func:`ddim_step`; the Euler step on a flow); the last step returns x̂0. This is diffusers'
+    ``DDIMScheduler`` with ``set_alpha_to_one=True`` when ``timesteps`` are its own (N dividing T, so
+    that its step t → t − T // N lands on the next one), and its flow-matching Euler scheduler on a flow.
+    """
+    x = noise
+    for i, t in enumerate(timesteps):
+        prediction = denoise(x, torch.full((noise.shape[0],), float(t), device=noise.device))
+        if i == len(timesteps) - 1:
+            return prediction.x0
+        x = ddim_step(prediction.x0, prediction.eps, torch.full((noise.shape[0],), float(timesteps[i + 1])), process)
     raise ValueError("timesteps must not be empty")

@@ -1,7 +1,8 @@
 """Writing a student so that plain diffusers samples it correctly, and reading it back.
 
 Students sample with :func:`stepdistill.diffusion.few_step_sample` (predict x̂0, re-noise to the
-next timestep with fresh noise).
+next timestep with fresh noise), except deterministic ones (progressive distillation), which take
+DDIM steps (:func:`stepdistill.diffusion.ddim_sample`) and export with :func:`ddim_scheduler`.
 
 **Rectified-flow teachers** (SD3, Flux): diffusers' ``FlowMatchLCMScheduler`` computes exactly that
 (x̂0 = x − σ v̂, then (1 − σ') x̂0 + σ' ε). It is exported with the teacher's shift made static
@@ -35,7 +36,10 @@ import json
 from pathlib import Path
 
 import diffusers
-from diffusers import DiffusionPipeline, FlowMatchLCMScheduler, LCMScheduler
+import torch
+from diffusers import (
+    DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from peft.utils import get_peft_model_state_dict
 from torch import nn
@@ -88,6 +92,39 @@ def student_scheduler(
         settings.update(trained_betas=betas, num_train_timesteps=len(betas), original_inference_steps=len(betas),
                         rescale_betas_zero_snr=False)
     return LCMScheduler.from_config(_settings_taken_by(LCMScheduler, teacher_scheduler.config), **settings)
+
+
+def ddim_scheduler(teacher_scheduler, process: NoiseProcess) -> SchedulerMixin:
+    """The deterministic scheduler of a student that samples by DDIM steps (progressive distillation):
+    diffusers' ``DDIMScheduler`` with "trailing" spacing, the final step to ᾱ = 1 (it returns x̂0) and
+    the ``process``'s prediction type on a variance-preserving teacher; the flow-matching Euler
+    scheduler at the process's static shift on a flow teacher (its Euler step is the DDIM step)."""
+    if isinstance(process, FlowProcess):
+        return FlowMatchEulerDiscreteScheduler.from_config(
+            _settings_taken_by(FlowMatchEulerDiscreteScheduler, teacher_scheduler.config), shift=process.shift,
+            use_dynamic_shifting=False)
+    return DDIMScheduler.from_config(
+        _settings_taken_by(DDIMScheduler, teacher_scheduler.config), prediction_type=process.prediction_type,
+        timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1, clip_sample=False, thresholding=False)
+
+
+def sampling_grid(scheduler: SchedulerMixin, num_steps: int, backbone: Backbone | None = None) -> torch.Tensor:
+    """The N + 1 points (float64, noisiest first) a deterministic ``scheduler`` (:func:`ddim_scheduler`)
+    steps through in ``num_steps`` steps: the N timesteps it visits, then where its last step lands, the
+    clean end (σ = 0 on a flow; −1, DDIM's ᾱ = 1, on a variance-preserving teacher).
+
+    ``DDIMScheduler`` steps from t to t − T // N whatever its timesteps are, so N must divide T for those
+    steps to land on its own next timesteps (the grid a student trains on); other N are refused.
+    """
+    timesteps = torch.tensor(student_timesteps(scheduler, num_steps, backbone), dtype=torch.float64)
+    if isinstance(scheduler, DDIMScheduler):
+        jump = scheduler.config.num_train_timesteps // num_steps
+        grid = torch.cat([timesteps, timesteps[-1:] - jump])
+        if not torch.equal(grid[1:], timesteps - jump) or grid[-1] != -1:
+            raise ValueError(f"{num_steps} DDIM steps do not land on DDIM's own timesteps: the number of steps must "
+                             f"divide the teacher's {scheduler.config.num_train_timesteps} training timesteps")
+        return grid
+    return torch.cat([timesteps, torch.zeros(1, dtype=torch.float64)])
 
 
 def _settings_taken_by(scheduler_class: type[SchedulerMixin], config: dict) -> dict:

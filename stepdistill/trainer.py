@@ -10,6 +10,13 @@ critic updates (the two time-scale update rule of DMD2; 1 for methods without a 
         every validation_steps: validate(step) on the weights that would be exported (EMA if kept)
         every checkpointing_steps: atomic checkpoint
 
+A run may be split into *stages* of ``stage_steps`` steps (progressive distillation: each stage's
+student becomes the next stage's teacher). Before the first step of stage k > 0 the loop calls
+``end_stage(k − 1)`` (the recipe exports that stage's student) and ``method.begin_stage(k)`` (the hand-over),
+and gives every optimiser a fresh state and learning-rate schedule. The stage index is saved with
+each checkpoint; a checkpoint written at a stage's last step resumes into the same hand-over as an
+uninterrupted run.
+
 Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
 steps its optimiser's learning-rate schedule (diffusers' ``get_scheduler``: constant, linear, cosine, ...),
 and is skipped (and counted) if its loss is not finite; ``max_consecutive_skips`` skips in a row
@@ -109,6 +116,7 @@ class TrainerConfig:
     max_consecutive_skips: int = 10
     checkpointing_steps: int = 0
     validation_steps: int = 0
+    stage_steps: int = 0  # steps per stage (0: the run is one stage)
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str | None = None
     seed: int = 0
@@ -127,16 +135,18 @@ class Progress:
 
     def __init__(self) -> None:
         self.step = 0
+        self.stage = 0  # the stage the last step belonged to
         self.skipped_updates = 0
         self.consecutive_skips = {"generator": 0, "critic": 0}  # non-finite updates in a row, per optimiser
         self.seconds = 0.0  # training time, without validation and checkpointing, summed over resumes
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_updates": self.skipped_updates, "consecutive_skips": self.consecutive_skips,
-                "seconds": self.seconds}
+        return {"step": self.step, "stage": self.stage, "skipped_updates": self.skipped_updates,
+                "consecutive_skips": self.consecutive_skips, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped_updates, self.seconds = state["step"], state["skipped_updates"], state["seconds"]
+        self.stage = state.get("stage", 0)  # checkpoints of single-stage runs written before stages existed
         self.consecutive_skips = state["consecutive_skips"]
 
 
@@ -238,11 +248,18 @@ class Trainer:
         next_batch: Callable[[], Batch],
         accelerator: Accelerator | None = None,
         validate: Callable[[int], dict[str, float]] | None = None,
+        end_stage: Callable[[int], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.method = method
         self.next_batch = next_batch
         self.validate = validate
+        self.end_stage = end_stage
+        if cfg.stage_steps and not hasattr(method, "begin_stage"):
+            raise ValueError(f"stage_steps needs a method with stages (begin_stage); {type(method).__name__} has none")
+        if cfg.stage_steps and cfg.ema_decay > 0:
+            raise ValueError("an EMA of the student is not kept across stages: each stage hands the student as it is "
+                             "to the next (ema_decay must be 0 with stage_steps)")
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, "none", cfg.output_dir)
         require_data_parallel(self.accelerator)
         set_seed(cfg.seed, device_specific=True)  # each process draws its own batches and noise
@@ -262,16 +279,36 @@ class Trainer:
         if self.critic_optimizer is not None:
             self.critic_optimizer = prepared[len(modules) + 1]
         self.generator_parameters, self.critic_parameters = generator_parameters, critic_parameters
-        critic_updates = cfg.max_train_steps * getattr(method, "critic_steps_per_generator_step", 1)
-        self.lr_schedulers = {
-            role: get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=updates)
-            for role, optimizer, updates in (("generator", self.generator_optimizer, cfg.max_train_steps),
-                                             ("critic", self.critic_optimizer, critic_updates))
-            if optimizer is not None
-        }
+        self.lr_schedulers = self._schedules()
         self.ema = EMA(generator_parameters, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.progress = Progress()
         self.log_path = Path(cfg.output_dir) / "train_log.jsonl"
+
+    def _schedules(self) -> dict:
+        """A learning-rate schedule per optimiser over one stage's updates (the whole run's without stages)."""
+        steps = self.cfg.stage_steps or self.cfg.max_train_steps
+        critic_updates = steps * getattr(self.method, "critic_steps_per_generator_step", 1)
+        return {
+            role: get_scheduler(self.cfg.lr_scheduler, optimizer, num_warmup_steps=self.cfg.lr_warmup_steps,
+                                num_training_steps=updates)
+            for role, optimizer, updates in (("generator", self.generator_optimizer, steps),
+                                             ("critic", self.critic_optimizer, critic_updates))
+            if optimizer is not None
+        }
+
+    def _begin_stage(self, stage: int) -> None:
+        """Stage ``stage − 1`` is over: let the recipe keep its student, hand it over (``method.begin_stage``)
+        and restart every optimiser's moments and learning-rate schedule."""
+        if self.end_stage is not None and self.accelerator.is_main_process:
+            self.end_stage(self.progress.stage)
+        self.accelerator.wait_for_everyone()
+        self.method.begin_stage(stage)
+        for optimizer in (self.generator_optimizer, self.critic_optimizer):
+            if optimizer is not None:
+                optimizer.state.clear()
+        self.lr_schedulers = self._schedules()
+        self.progress.stage = stage
+        logger.info(f"stage {stage} begins at step {self.progress.step + 1}", main_process_only=True)
 
     # -- one update -------------------------------------------------------------------------
     def _update(self, role: str, loss_fn: Callable[[Batch], Losses], optimizer, parameters) -> Losses | None:
@@ -446,6 +483,8 @@ class Trainer:
         """One training step: the critic updates, the generator update, logging, validation, and the
         checkpoint when one is due (its folder is returned)."""
         cfg = self.cfg
+        if cfg.stage_steps and self.progress.step == (self.progress.stage + 1) * cfg.stage_steps:
+            self._begin_stage(self.progress.stage + 1)
         started = time.perf_counter()
         record: dict[str, float] = {}
         for _ in range(critic_steps):
@@ -462,6 +501,8 @@ class Trainer:
         self.progress.step += 1
         self.progress.seconds += time.perf_counter() - started
         record.update(step=self.progress.step, seconds=self.progress.seconds)
+        if cfg.stage_steps:
+            record["stage"] = self.progress.stage
         if cfg.validation_steps and self.progress.step % cfg.validation_steps == 0:
             record.update(self.run_validation())
         bar.update(1)

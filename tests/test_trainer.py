@@ -37,10 +37,11 @@ class CountingMethod:
         return {"loss": (self.critic.weight + 1).square().sum()}
 
 
-def make_trainer(tmp_path, critic_steps=3, steps=4, accumulation=1, poison_step=None, validate=None, **overrides):
+def make_trainer(tmp_path, critic_steps=3, steps=4, accumulation=1, poison_step=None, validate=None,
+                 method_class=None, **overrides):
     torch.manual_seed(0)  # every trainer starts from the same weights, whatever ran before
     generator, critic = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
-    method = CountingMethod(critic_steps, generator, critic, poison_step)
+    method = (method_class or CountingMethod)(critic_steps, generator, critic, poison_step)
     cfg = TrainerConfig(output_dir=str(tmp_path), max_train_steps=steps, learning_rate=0.1, critic_learning_rate=0.1,
                         adam_weight_decay=0.0, gradient_accumulation_steps=accumulation, **overrides)
     batch = Batch(condition={"prompt_embeds": torch.zeros(1, 1, 1)},
@@ -291,3 +292,70 @@ def test_a_checkpoint_of_other_networks_or_damaged_in_place_is_one_clear_error(t
     resumed, _ = make_trainer(tmp_path, steps=4, resume_from_checkpoint="latest")
     with pytest.raises(CheckpointError, match="cannot load .*checkpoint-2 .*damaged"):
         resumed.fit()
+
+
+class StagedMethod(CountingMethod):
+    """The toy in stages: the generator is pulled towards its stage teacher plus one, and each
+    hand-over copies the generator's weight into that teacher."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage, self.teacher, self.handovers, self.learning_rates = 0, torch.zeros(1, 2), [], []
+        self.optimizer = None
+
+    def generator_loss(self, batch):
+        self.generator_calls += 1
+        self.learning_rates.append(self.optimizer.param_groups[0]["lr"])
+        return {"loss": (self.generator.weight - self.teacher - 1).square().sum()}
+
+    def begin_stage(self, stage):
+        self.handovers.append(stage)
+        self.stage, self.teacher = stage, self.generator.weight.detach().clone()
+
+    def state_dict(self):
+        return {"stage": torch.tensor([self.stage]), "teacher": self.teacher}
+
+    def load_state_dict(self, state):
+        self.stage, self.teacher = int(state["stage"]), state["teacher"]
+
+
+def staged_trainer(tmp_path, steps, **overrides):
+    trainer, method = make_trainer(tmp_path, critic_steps=1, steps=steps, stage_steps=3, lr_scheduler="linear",
+                                   method_class=StagedMethod, **overrides)
+    method.optimizer = trainer.generator_optimizer
+    ended = []
+    trainer.end_stage = ended.append
+    return trainer, method, ended
+
+
+def test_each_stage_hands_over_and_starts_fresh_optimisers_and_schedules(tmp_path):
+    trainer, method, ended = staged_trainer(tmp_path, steps=9)
+    trainer.fit()
+    assert method.handovers == [1, 2] and ended == [0, 1] and trainer.progress.stage == 2
+    assert method.learning_rates == pytest.approx([0.1, 0.2 / 3, 0.1 / 3] * 3)  # linear decay over each stage's 3 steps
+    assert optimizer_steps(trainer.generator_optimizer) == 3  # Adam's moments and step count restart each stage
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [row["stage"] for row in log] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("stop_at", [3, 4], ids=["at-the-boundary", "inside-stage-1"])
+def test_resume_across_a_stage_boundary_equals_an_uninterrupted_run(tmp_path, stop_at):
+    full, full_method, _ = staged_trainer(tmp_path / "full", steps=6)
+    full.fit()
+    first, _, _ = staged_trainer(tmp_path / "split", steps=6, checkpointing_steps=stop_at)
+    first.cfg.max_train_steps = stop_at  # a run of 6 steps that stops after step ``stop_at``
+    first.fit()
+    second, resumed, ended = staged_trainer(tmp_path / "split", steps=6, resume_from_checkpoint="latest")
+    second.fit()
+    assert second.progress.stage == 1 and resumed.handovers == ([1] if stop_at == 3 else [])
+    assert ended == ([0] if stop_at == 3 else [])
+    torch.testing.assert_close(resumed.generator.weight, full_method.generator.weight, atol=0, rtol=0)
+    torch.testing.assert_close(resumed.teacher, full_method.teacher, atol=0, rtol=0)
+    assert resumed.learning_rates == full_method.learning_rates[stop_at:]
+
+
+def test_stages_need_a_staged_method_and_no_ema(tmp_path):
+    with pytest.raises(ValueError, match="begin_stage"):
+        make_trainer(tmp_path, steps=6, stage_steps=3)
+    with pytest.raises(ValueError, match="ema_decay must be 0"):
+        make_trainer(tmp_path, steps=6, stage_steps=3, ema_decay=0.9, method_class=StagedMethod)

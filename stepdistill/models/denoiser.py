@@ -9,14 +9,12 @@ base, i.e. the teacher).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from stepdistill import conditioning
 from stepdistill.conditioning import Condition
-from stepdistill.diffusion import NoiseProcess, classifier_free_guidance, guidance_scale_embedding
+from stepdistill.diffusion import NoiseProcess, Prediction, classifier_free_guidance, guidance_scale_embedding
 from stepdistill.models.backbones import adapter_for
 
 
@@ -38,14 +36,6 @@ def select_adapter(network: nn.Module, adapter: str | None) -> None:
         network.set_adapter(adapter)
     for param, trainable in lora:
         param.requires_grad_(trainable)
-
-
-@dataclass
-class Prediction:
-    """A denoiser's output: clean sample and noise estimates."""
-
-    x0: torch.Tensor
-    eps: torch.Tensor
 
 
 class Denoiser(nn.Module):

@@ -22,7 +22,7 @@ from stepdistill.models.backbones import adapter_for
 from stepdistill.models.denoiser import Denoiser, select_adapter
 from stepdistill.models.guidance_embedding import with_guidance_embedding
 
-STUDENT, FAKE_SCORE = "student", "fake_score"
+STUDENT, FAKE_SCORE, STAGE_TEACHER = "student", "fake_score", "stage_teacher"
 
 
 class DiscriminatorHead(nn.Module):
@@ -108,6 +108,18 @@ def lora_config(rank: int, target_modules: tuple[str, ...]) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(target_modules))
 
 
+def add_adapter(network: nn.Module, config: LoraConfig, name: str) -> None:
+    """Add a LoRA adapter ``name`` to ``network``; the weights it had keep their ``requires_grad`` (peft
+    switches to the new adapter and freezes the others' LoRA weights), and its warning about a second
+    adapter, which is the point here, is silenced."""
+    trainable = [(param, param.requires_grad) for param in network.parameters()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        network.add_adapter(config, adapter_name=name)
+    for param, flag in trainable:
+        param.requires_grad_(flag)
+
+
 def build_networks(
     teacher_network: nn.Module,
     process: NoiseProcess,
@@ -117,10 +129,13 @@ def build_networks(
     with_fake_score: bool = True,
     guidance_embedding_dim: int | None = None,
     fake_score_steps: int = 1,
+    student_process: NoiseProcess | None = None,
 ) -> Networks:
     """Student and (unless ``with_fake_score=False``) fake score initialised from the teacher network,
     full copies or LoRA adapters; ``guidance_embedding_dim`` gives a full UNet student a guidance-scale
-    input, ``fake_score_steps`` > 1 a full UNet fake score a :class:`StepEmbedding` of that many steps."""
+    input, ``fake_score_steps`` > 1 a full UNet fake score a :class:`StepEmbedding` of that many steps.
+    ``student_process`` reads the student's output in another parameterisation than the teacher's
+    (:meth:`~stepdistill.diffusion.NoiseProcess.for_few_steps`)."""
     backbone = adapter_for(teacher_network)
     if (guidance_embedding_dim is not None or fake_score_steps > 1) and not backbone.has_embedding_slots():
         raise ValueError(f"guidance-scale and step embeddings are for UNets; a {type(teacher_network).__name__} "
@@ -139,10 +154,8 @@ def build_networks(
     if use_lora:
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be ≥ 1 (got {lora_rank})")
-        with warnings.catch_warnings():  # peft warns about a second adapter, which is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            for adapter in adapters:
-                teacher_network.add_adapter(lora_config(lora_rank, backbone.lora_target_modules), adapter_name=adapter)
+        for adapter in adapters:
+            add_adapter(teacher_network, lora_config(lora_rank, backbone.lora_target_modules), adapter)
         for name, param in teacher_network.named_parameters():
             param.requires_grad_(".lora_" in name)  # every adapter trainable, the base frozen
         select_adapter(teacher_network, STUDENT)
@@ -159,8 +172,58 @@ def build_networks(
         discriminator = DiscriminatorHead(backbone.feature_channels(teacher_network))
     return Networks(
         teacher=Denoiser(teacher_network, process, adapter=None),
-        student=Denoiser(student_network, process, adapter=STUDENT if use_lora else None),
+        student=Denoiser(student_network, student_process or process, adapter=STUDENT if use_lora else None),
         fake_score=(Denoiser(fake_network, process, adapter=FAKE_SCORE if use_lora else None)
                     if with_fake_score else None),
         discriminator=discriminator,
     )
+
+
+class StageTeacher:
+    """A frozen copy of the student as it was at the last stage hand-over: the next teacher of a staged
+    method (progressive distillation). A full student is copied whole; a LoRA student's adapter is
+    copied into a second adapter, ``stage_teacher``, on the shared network, so the base (the original
+    teacher, and what an exported LoRA applies to) never changes.
+
+    ``denoiser`` calls the copy in the student's own parameterisation; :meth:`copy_student` refreshes it.
+    """
+
+    def __init__(self, student: Denoiser) -> None:
+        self.student = student
+        network = student.network
+        if student.adapter is None:
+            network = copy.deepcopy(network).requires_grad_(False).eval()
+        else:
+            add_adapter(network, copy.deepcopy(network.peft_config[student.adapter]), STAGE_TEACHER)
+            for name, param in network.named_parameters():
+                if f".{STAGE_TEACHER}." in name:
+                    param.requires_grad_(False)
+        self.denoiser = Denoiser(network, student.process, adapter=None if student.adapter is None else STAGE_TEACHER)
+        self.copy_student()
+
+    def _pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, copy's tensor, student's tensor) for every weight the copy holds."""
+        if self.student.adapter is None:
+            own = self.denoiser.network.state_dict()
+            return [(name, own[name], tensor) for name, tensor in self.student.network.state_dict().items()]
+        tensors = dict(self.student.network.named_parameters())
+        source = f".{self.student.adapter}."
+        return [(name, tensor, tensors[name.replace(f".{STAGE_TEACHER}.", source)])
+                for name, tensor in tensors.items() if f".{STAGE_TEACHER}." in name]
+
+    @torch.no_grad()
+    def copy_student(self) -> None:
+        """The stage hand-over: the copy becomes the student as it is now."""
+        for _, own, student in self._pairs():
+            own.copy_(student)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: own for name, own, _ in self._pairs()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pairs = self._pairs()
+        if set(state) != {name for name, _, _ in pairs}:
+            raise KeyError(f"the saved stage teacher holds other weights ({len(state)} tensors, this run's has {len(pairs)})")
+        for name, own, _ in pairs:
+            own.copy_(state[name])

@@ -15,7 +15,7 @@ assembly), :mod:`.end` (export and report), :mod:`.cli` (a recipe's ``__main__``
 
 from stepdistill.run.cli import command_line
 from stepdistill.run.end import export_student, final_report, finish
-from stepdistill.run.flags import FakeScoreConfig, RunConfig
+from stepdistill.run.flags import FakeScoreConfig, GuidanceRangeConfig, RunConfig
 from stepdistill.run.setup import (
     Setup, batch_sampler, enable_gradient_checkpointing, open_output, scores_digits, set_up, start,
     student_scheduler, training_data,
@@ -23,7 +23,8 @@ from stepdistill.run.setup import (
 from stepdistill.run.training import fake_score_trainer, make_validator, trainer_config
 
 __all__ = [
-    "FakeScoreConfig", "RunConfig", "Setup", "batch_sampler", "command_line", "enable_gradient_checkpointing",
+    "FakeScoreConfig", "GuidanceRangeConfig", "RunConfig", "Setup", "batch_sampler", "command_line",
+    "enable_gradient_checkpointing",
     "export_student", "fake_score_trainer", "final_report", "finish", "make_validator", "open_output",
     "scores_digits", "set_up", "start", "student_scheduler", "trainer_config", "training_data",
 ]

@@ -23,33 +23,37 @@ from stepdistill.trainer import Trainer
 def finish(
     cfg: RunConfig, setup: Setup, trainer: Trainer, student_network: nn.Module, adapter: str | None,
     scheduler: SchedulerMixin, guidance_scale: float = 1.0, student_steps: tuple[int, ...] = (),
+    earlier_students: dict[str, tuple[Path, int]] | None = None,
 ) -> None:
     """After training: end the trackers; on the main process export the student and score the export
-    (:func:`export_student`, :func:`final_report`)."""
+    (:func:`export_student`, :func:`final_report`; ``earlier_students`` are scored beside it)."""
     setup.accelerator.end_training()
     training = trainer.summary()  # before the export and the report add to the peak memory
     if setup.accelerator.is_main_process:
         student_dir = export_student(cfg, setup.teacher, trainer, student_network, adapter, scheduler, guidance_scale)
-        final_report(cfg, setup.teacher, setup.prompts, student_dir, training, student_steps, guidance_scale)
+        final_report(cfg, setup.teacher, setup.prompts, student_dir, training, student_steps, guidance_scale,
+                     earlier_students)
 
 
 def export_student(
     cfg: RunConfig, teacher: Teacher, trainer: Trainer, student_network: nn.Module, adapter: str | None,
-    scheduler: SchedulerMixin, guidance_scale: float = 1.0,
+    scheduler: SchedulerMixin, guidance_scale: float = 1.0, folder: str = "student", num_steps: int | None = None,
 ) -> Path:
-    """Write ``output_dir/student`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline,
-    with the student ``scheduler`` (:func:`export.student_scheduler`); ``guidance_scale``
-    is the one to sample at (1, unless the student takes it as an input)."""
+    """Write ``output_dir/<folder>`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline,
+    with the student ``scheduler`` (:func:`export.student_scheduler`) set to ``num_steps`` (default
+    ``--num_student_steps``); ``guidance_scale`` is the one to sample at (1, unless the student takes
+    it as an input)."""
     if trainer.ema is not None:
         trainer.ema.copy_to_parameters()
     student_network = trainer.accelerator.unwrap_model(student_network)
-    student_dir = Path(cfg.output_dir) / "student"
+    student_dir = Path(cfg.output_dir) / folder
+    num_steps = num_steps or cfg.num_student_steps
     if cfg.use_lora:
-        export.export_lora(teacher.pipeline, student_network, adapter, student_dir, cfg.num_student_steps, scheduler,
+        export.export_lora(teacher.pipeline, student_network, adapter, student_dir, num_steps, scheduler,
                            teacher.resolution)
     else:
-        export.export_full(teacher.pipeline, student_network, student_dir, cfg.num_student_steps, scheduler,
-                           guidance_scale, teacher.resolution)
+        export.export_full(teacher.pipeline, student_network, student_dir, num_steps, scheduler, guidance_scale,
+                           teacher.resolution)
     steps = trainer.progress.step
     print(f"student written to {student_dir} after {steps} training step{'' if steps == 1 else 's'} "
           f"({trainer.progress.seconds / 60:.1f} min of training, resumed runs' earlier steps included)")
@@ -59,6 +63,7 @@ def export_student(
 def final_report(
     cfg: RunConfig, teacher: Teacher, prompts: list[str], student_dir: Path, training: dict,
     student_steps: tuple[int, ...] = (), student_guidance_scale: float = 1.0,
+    earlier_students: dict[str, tuple[Path, int]] | None = None,
 ) -> list[report.Result]:
     """Score the exported student (as plain diffusers loads it) and the teacher on the same noise,
     and write ``report.json``: the run's cost (``training``, from :meth:`Trainer.summary`), its
@@ -66,7 +71,8 @@ def final_report(
 
     On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
     and for the teacher (at ``cfg.teacher_report_guidance_scale``), with grids; otherwise a grid of
-    the first 16 training prompts; ``--eval_num_samples 0`` scores nothing. ``validation_curve.png``: the validations' FD-digits
+    the first 16 training prompts; ``--eval_num_samples 0`` scores nothing. ``earlier_students``
+    (a staged run's: name → (exported folder, its step count)) are scored on the digits beside it. ``validation_curve.png``: the validations' FD-digits
     against steps, whenever the run validated on the digits. Students sample at
     ``student_guidance_scale`` (1: distilled in; else a guidance-scale input's value).
     """
@@ -80,6 +86,10 @@ def final_report(
         steps = tuple(sorted({1, cfg.num_student_steps, *student_steps}))
         results = report.evaluate(student, "student", steps, (student_guidance_scale,), eval_prompts, scorers,
                                   output_dir, seed=cfg.seed)
+        for name, (folder, num_steps) in (earlier_students or {}).items():
+            earlier, _ = export.load_student(folder, cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+            results += report.evaluate(earlier, name, (num_steps,), (student_guidance_scale,), eval_prompts, scorers,
+                                       output_dir, seed=cfg.seed)
         if cfg.teacher_eval_steps:
             select_adapter(teacher.network, None)  # with --use_lora the student's adapters live on the teacher's network
             results += report.evaluate(teacher.pipeline, "teacher", (cfg.teacher_eval_steps,),

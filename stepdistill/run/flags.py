@@ -234,3 +234,21 @@ class FakeScoreConfig(RunConfig):
         """How many generation steps the fake score tells apart (1: it learns their mixture)."""
         return self.num_student_steps if self.per_step_fake_score else 1
 
+
+@dataclass
+class GuidanceRangeConfig(RunConfig):
+    """Flags of the methods that may draw the teacher's guidance scale from a range (consistency,
+    guidance distillation): w ~ U[--guidance_scale, --guidance_scale_max]."""
+
+    guidance_scale_max: float | None = field(None, "teacher CFG range's upper end, w ~ U[guidance_scale, this] "
+                                                   "(default: fixed)")
+
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        return self.guidance_scale, self.guidance_scale if self.guidance_scale_max is None else self.guidance_scale_max
+
+    def validate(self) -> None:
+        super().validate()
+        low, high = self.guidance_range
+        if high < low:
+            raise ConfigError(f"--guidance_scale_max ({high}) must be ≥ --guidance_scale ({low}), the lower end")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from stepdistill.data import digits
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.validation import StudentModel, StudentValidator
@@ -27,19 +29,22 @@ def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) ->
 
 
 def make_validator(
-    cfg: RunConfig, teacher: Teacher, student: StudentModel, timesteps: tuple[int, ...], prompts: list[str]
+    cfg: RunConfig, teacher: Teacher, student: StudentModel,
+    timesteps: tuple[float, ...] | Callable[[], tuple[float, ...]], prompts: list[str], deterministic: bool = False,
 ) -> StudentValidator | None:
     """Validation every ``validation_steps``: a grid of ``--validation_prompts`` when given, else
-    FD-digits on the digits, else a grid of 16 training prompts."""
+    FD-digits on the digits, else a grid of 16 training prompts (:class:`StudentValidator` says
+    what ``timesteps`` and ``deterministic`` may be)."""
     if not cfg.validation_steps:
         return None
+    options = dict(seed=cfg.seed, deterministic=deterministic)
     if cfg.validation_prompts:
-        return StudentValidator(teacher, student, timesteps, list(cfg.validation_prompts), cfg.output_dir, seed=cfg.seed)
+        return StudentValidator(teacher, student, timesteps, list(cfg.validation_prompts), cfg.output_dir, **options)
     if scores_digits(cfg, teacher):
         return StudentValidator(teacher, student, timesteps, digits.evaluation_prompts(cfg.num_validation_images),
-                                cfg.output_dir, evaluator=DigitsEvaluator(), seed=cfg.seed)
+                                cfg.output_dir, evaluator=DigitsEvaluator(), **options)
     return StudentValidator(teacher, student, timesteps, prompts[: min(16, cfg.num_validation_images)], cfg.output_dir,
-                            seed=cfg.seed)
+                            **options)
 
 
 def fake_score_trainer(cfg: RunConfig, setup: Setup, nets: Networks, method, critic_learning_rate: float) -> Trainer:

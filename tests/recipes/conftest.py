@@ -39,3 +39,8 @@ def train_teacher():
 @pytest.fixture(scope="module")
 def sid():
     yield from _recipe("sid")
+
+
+@pytest.fixture(scope="module")
+def progressive():
+    yield from _recipe("progressive")

@@ -1,7 +1,8 @@
 """Every recipe on every backbone: two training steps on a tiny random-weight pipeline of each family,
 then the export (full and LoRA) reloads in its own diffusers pipeline and samples finite images.
 
-Backbones: SD 1.x (ε), SD 1.x (v-prediction), SDXL, SD3 without T5, FLUX.1-dev-style Flux.
+Backbones: SD 1.x (ε), SD 1.x (v-prediction), SDXL, SD3 without T5, FLUX.1-dev-style Flux. Progressive
+distillation's students predict v on every DDPM-family teacher.
 """
 
 from __future__ import annotations
@@ -43,13 +44,23 @@ def recipe_config(recipe, name, teacher_dir, output_dir, data, use_lora):
         return recipe.ConsistencyConfig(**common, train_data_dir=str(data / "images"), num_student_steps=2)
     if name == "dmd2":  # the GAN term on real images; the others run data-free on prompts
         return recipe.DMD2Config(**common, train_data_dir=str(data / "images"), critic_steps_per_generator_step=1)
+    if name == "progressive":  # two stages of one step: guidance distillation, then 2 → 1 steps
+        return recipe.ProgressiveConfig(**{**common, "max_train_steps": 1}, train_data_dir=str(data / "images"),
+                                        start_steps=2, num_student_steps=1)
     return recipe.SiDConfig(**common, prompts_file=str(data / "prompts.txt"), num_student_steps=2)
+
+
+def exported_scheduler(name: str, backbone: str) -> str:
+    flow = backbone in ("sd3", "flux")
+    if name == "progressive":  # deterministic DDIM steps (the Euler step on a flow)
+        return "FlowMatchEulerDiscreteScheduler" if flow else "DDIMScheduler"
+    return "FlowMatchLCMScheduler" if flow else "LCMScheduler"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("backbone", MATRIX_BACKBONES)
-@pytest.mark.parametrize("name", ["dmd2", "consistency", "sid"])
+@pytest.mark.parametrize("name", ["dmd2", "consistency", "sid", "progressive"])
 def test_recipe_trains_and_exports_on_every_backbone(request, backbone_dirs, data, tmp_path, name, backbone, use_lora):
     recipe = request.getfixturevalue(name)
     recipe.main(recipe_config(recipe, name, backbone_dirs[backbone], tmp_path, data, use_lora))
@@ -62,8 +73,8 @@ def test_recipe_trains_and_exports_on_every_backbone(request, backbone_dirs, dat
     pipe, guidance_scale = export.load_student(student_dir, str(backbone_dirs[backbone]))
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == metadata["scheduler"]
-    assert metadata["scheduler"] == ("FlowMatchLCMScheduler" if backbone in ("sd3", "flux") else "LCMScheduler")
-    if backbone == "sd_v":  # the exported scheduler reads the student's output as what it predicts
+    assert metadata["scheduler"] == exported_scheduler(name, backbone)
+    if backbone == "sd_v" or (name == "progressive" and backbone in ("sd", "sdxl")):  # the student predicts v
         assert pipe.scheduler.config.prediction_type == "v_prediction"
     images, _ = generate(pipe, PROMPTS[:2], metadata["num_inference_steps"], guidance_scale, resolution=32)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
