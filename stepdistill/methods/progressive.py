@@ -203,8 +203,7 @@ class ProgressiveDistillation:
         else:
             z_t, t, alpha, sigma, target = self.halving_example(x0, batch, w)
         prediction = self.student(z_t, t, batch.condition, embedded_guidance=w if self.embeds_guidance else None).x0
-        loss = weighted_squared_error(prediction, target, truncated_snr_weight(alpha, sigma).flatten())
-        return {"loss": loss, "distillation": loss.detach()}
+        return {"loss": weighted_squared_error(prediction, target, truncated_snr_weight(alpha, sigma).flatten())}
 
     def _any_timesteps(self, size: int, like: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Timesteps over the teacher's whole range (the guidance stage) and their (α, σ)."""

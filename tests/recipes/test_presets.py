@@ -11,12 +11,13 @@ from stepdistill import config as configs
 from stepdistill.assets import PRESETS_DIR
 
 PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
-CONFIG_CLASSES = {"dmd2": "DMD2Config", "sid": "SiDConfig", "consistency": "ConsistencyConfig"}
+CONFIG_CLASSES = {"dmd2": "DMD2Config", "sid": "SiDConfig", "consistency": "ConsistencyConfig",
+                  "progressive": "ProgressiveConfig"}
 
 
 def test_the_readmes_tuned_commands_ship_as_presets():
     assert {p.stem for p in PRESETS} >= {"dmd2_4step", "sid_4step", "consistency_one_segment", "dmd2_sd15",
-                                         "consistency_lcm_lora_sd15"}
+                                         "consistency_lcm_lora_sd15", "progressive_sd15"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
