@@ -3,7 +3,7 @@
     accelerate launch recipes/progressive.py                               # the shipped digits teacher, 32 → 4 steps
     accelerate launch recipes/progressive.py --num_student_steps 1         # on down to one step (two more stages)
     accelerate launch recipes/progressive.py --guidance_distillation false # CFG distilled in the first halving stage
-    accelerate launch recipes/progressive.py --guidance_scale 1 --guidance_scale_max 3  # any w in [1, 3] at sampling
+    accelerate launch recipes/progressive.py --guidance_scale 1 --guidance_scale_max 3  # samples at any w in [1, 3]
     accelerate launch recipes/progressive.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --train_data_dir images/ --resolution 512 --guidance_scale 7.5 --start_steps 64 --num_student_steps 4 \\
         --max_train_steps 2000 --mixed_precision bf16
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
 
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
@@ -124,25 +122,23 @@ def main(cfg: ProgressiveConfig) -> None:
     sampled = guidance_embedding.AtGuidanceScale(nets.student, low) if embeds else nets.student
 
     # 4. train the stages; at each hand-over the finished stage's student is exported for diffusers
-    #    where diffusers' DDIM samples its grid exactly, then becomes the frozen teacher of the next
-    def export_stage_student(stage: int) -> None:
-        folder, steps = stage_folder(stage)
-        if folder is None:
-            print(f"stage {stage}'s {steps}-step student is not exported: diffusers' DDIM does not step on its grid "
-                  "(its validation scores it)")
-            return
-        run.export_student(cfg, teacher, trainer, nets.student.network, networks.STUDENT, scheduler, sampled_guidance,
-                           folder=folder, num_steps=steps)
-
-    def stage_folder(stage: int) -> tuple[str | None, int]:
+    #    (where diffusers' DDIM steps on its grid), then becomes the frozen teacher of the next
+    def stage_student(stage: int) -> tuple[str | None, int]:
+        """The folder a finished stage's student goes to (None: not exported) and its step count."""
         steps = method.stages[stage]
         if steps == progressive.GUIDANCE_STAGE:  # a diffusion model still: DDIM samples it at any step count
             return "stages/guidance", cfg.start_steps
-        try:
-            exact = torch.equal(export.sampling_grid(scheduler, steps, teacher.backbone), method.grids[steps])
-        except ValueError:
-            exact = False
+        exact = export.steps_on(scheduler, method.grids[steps], teacher.backbone)
         return (f"stages/{steps}-step" if exact else None), steps
+
+    def export_stage_student(stage: int) -> None:
+        folder, steps = stage_student(stage)
+        if folder is None:
+            print(f"stage {stage}'s {steps}-step student is not exported: diffusers' DDIM does not step on its grid "
+                  "(its validation scores it)")
+        else:
+            run.export_student(cfg, teacher, trainer, nets.student.network, networks.STUDENT, scheduler,
+                               sampled_guidance, folder=folder, num_steps=steps)
 
     trainer = Trainer(
         replace(run.trainer_config(cfg), max_train_steps=cfg.num_stages * cfg.max_train_steps,
@@ -163,7 +159,7 @@ def main(cfg: ProgressiveConfig) -> None:
     # 5. export the final student (DDIM, "trailing", v-prediction) and score it beside every stage's export
     earlier = {}
     for stage in range(len(method.stages) - 1):
-        folder, steps = stage_folder(stage)
+        folder, steps = stage_student(stage)
         if folder is not None and (Path(cfg.output_dir) / folder).is_dir():
             earlier[f"stage{stage}_student"] = (Path(cfg.output_dir) / folder, steps)
     run.finish(cfg, setup, trainer, nets.student.network, networks.STUDENT, scheduler, sampled_guidance,

@@ -127,6 +127,15 @@ def sampling_grid(scheduler: SchedulerMixin, num_steps: int, backbone: Backbone 
     return torch.cat([timesteps, torch.zeros(1, dtype=torch.float64)])
 
 
+def steps_on(scheduler: SchedulerMixin, grid: torch.Tensor, backbone: Backbone | None = None) -> bool:
+    """Whether a deterministic ``scheduler`` samples in ``len(grid) − 1`` steps exactly on ``grid``
+    (:func:`sampling_grid`), so that an export samples the student as it was trained."""
+    try:
+        return torch.equal(sampling_grid(scheduler, len(grid) - 1, backbone), grid.double())
+    except ValueError:
+        return False
+
+
 def _settings_taken_by(scheduler_class: type[SchedulerMixin], config: dict) -> dict:
     """The entries of a teacher's scheduler config that ``scheduler_class`` takes: the others (PNDM's
     ``skip_prk_steps``, DDPM's ``variance_type``) would be saved with the student and warned about

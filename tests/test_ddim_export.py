@@ -68,3 +68,6 @@ def test_the_ddim_grid_is_diffusers_own_and_other_step_counts_are_refused(tiny_p
     assert export.sampling_grid(scheduler, 1).tolist() == [999, -1]
     with pytest.raises(ValueError, match="must divide the teacher's 1000"):
         export.sampling_grid(scheduler, 16)  # DDIM steps 999 → 937 while its next timestep is 936
+    assert export.steps_on(scheduler, torch.tensor([999.0, 749.0, 499.0, 249.0, -1.0]))
+    assert not export.steps_on(scheduler, torch.tensor([999.0, 750.0, 499.0, 249.0, -1.0]))
+    assert not export.steps_on(scheduler, torch.linspace(999, -1, 17))  # no 16-step grid is DDIM's
