@@ -47,11 +47,13 @@ class ProgressiveConfig(run.GuidanceRangeConfig):
                              at_least=2)
     guidance_distillation: bool = field(True, "a first stage that distils CFG into one network call (a full-weight "
                                               "UNet student takes w as an input)")
-    max_train_steps: int = field(400, "student updates per stage", at_least=1)
+    max_train_steps: int = field(1000, "student updates per stage", at_least=1)
     learning_rate: float = field(1e-4, "student AdamW learning rate (every stage starts its schedule afresh)",
                                  greater_than=0)
-    validation_steps: int = field(400, "sample, grid and score the current student every N steps (0: off; the "
-                                       "default validates each stage's last)", at_least=0)
+    lr_scheduler: str = field("linear", "learning-rate schedule of each stage (diffusers' names; linear: down to 0 "
+                                        "at the stage's end)", choices=run.flags.LR_SCHEDULES)
+    validation_steps: int = field(1000, "sample, grid and score the current student every N steps (0: off; the "
+                                        "default validates each stage's last)", at_least=0)
 
     @property
     def num_stages(self) -> int:
