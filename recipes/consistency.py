@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.models import guidance_embedding, networks
-from stepdistill.trainer import Trainer
 
 
 @dataclass
@@ -131,17 +130,8 @@ def main(cfg: ConsistencyConfig) -> None:
 
     # 4. train; an EMA target moves after every student update (method.after_generator_update):
     #    θ⁻ ← μ θ⁻ + (1 − μ) θ, and every checkpoint keeps it (method.state_dict)
-    trainer = Trainer(
-        run.trainer_config(cfg),
-        method,
-        generator_modules=[nets.student.network],
-        generator_parameters=nets.generator_parameters(),
-        critic_modules=[],
-        critic_parameters=[],
-        next_batch=setup.next_batch,
-        accelerator=setup.accelerator,
-        validate=run.make_validator(cfg, teacher, sampled, timesteps, prompts),
-    )
+    validate = run.make_validator(cfg, teacher, sampled, timesteps, prompts)
+    trainer = run.student_trainer(run.trainer_config(cfg), setup, nets, method, validate)
     trainer.fit()
 
     # 5. export for plain diffusers (LCMScheduler at the boundary scaling), then score at 1–8 steps

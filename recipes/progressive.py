@@ -33,7 +33,6 @@ from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.methods import progressive
 from stepdistill.models import guidance_embedding, networks
-from stepdistill.trainer import Trainer
 
 
 @dataclass
@@ -142,20 +141,10 @@ def main(cfg: ProgressiveConfig) -> None:
             run.export_student(cfg, teacher, trainer, nets.student.network, networks.STUDENT, scheduler,
                                sampled_guidance, folder=folder, num_steps=steps)
 
-    trainer = Trainer(
-        replace(run.trainer_config(cfg), max_train_steps=cfg.num_stages * cfg.max_train_steps,
-                stage_steps=cfg.max_train_steps),
-        method,
-        generator_modules=[nets.student.network],
-        generator_parameters=nets.generator_parameters(),
-        critic_modules=[],
-        critic_parameters=[],
-        next_batch=setup.next_batch,
-        accelerator=setup.accelerator,
-        validate=run.make_validator(cfg, teacher, sampled, lambda: method.student_timesteps, prompts,
-                                    deterministic=True),
-        end_stage=export_stage_student,
-    )
+    stages = replace(run.trainer_config(cfg), max_train_steps=cfg.num_stages * cfg.max_train_steps,
+                     stage_steps=cfg.max_train_steps)
+    validate = run.make_validator(cfg, teacher, sampled, lambda: method.student_timesteps, prompts, deterministic=True)
+    trainer = run.student_trainer(stages, setup, nets, method, validate, end_stage=export_stage_student)
     trainer.fit()
 
     # 5. export the final student (DDIM, "trailing", v-prediction) and score it beside every stage's export

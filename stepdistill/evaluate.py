@@ -41,6 +41,9 @@ from stepdistill.models.backbones import backbone_for
 from stepdistill.models.loading import PipelineError
 
 
+DEFAULT_STEPS = 50  # a pipeline's sampling steps when neither the flag nor a student's metadata gives them
+
+
 @dataclass
 class EvaluateConfig:
     """Sample a text-to-image pipeline and score it (FD-digits / prompt accuracy, FID, CLIP score)."""
@@ -49,7 +52,8 @@ class EvaluateConfig:
                                                "(default: the shipped digits teacher)")
     pretrained_model_name_or_path: str | None = field(None, "base model of LoRA weights (default for a recipe's LoRA "
                                                             "student: the base recorded at export)")
-    num_inference_steps: tuple[int, ...] = field((50,), "sampling steps, comma-separated (e.g. 1,2,4,50)")
+    num_inference_steps: tuple[int, ...] | None = field(None, "sampling steps, comma-separated (e.g. 1,2,4,50; "
+                                                              "default: a student's recorded steps, else 50)")
     guidance_scale: tuple[float, ...] | None = field(None, "classifier-free guidance scales, comma-separated "
                                                            "(default: a student's recorded scale, else 1)")
     scheduler: str | None = field(None, "diffusers scheduler class to sample with, e.g. DDPMScheduler (default: the pipeline's own)")
@@ -69,7 +73,8 @@ class EvaluateConfig:
             raise ConfigError(f"--eval_num_samples must be ≥ 2, as Fréchet distances need two samples (got {self.eval_num_samples})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be ≥ 1 (got {self.batch_size})")
-        if not self.num_inference_steps or min(self.num_inference_steps) < 1:
+        steps = self.num_inference_steps
+        if steps is not None and (not steps or min(steps) < 1):
             raise ConfigError(f"--num_inference_steps must be ≥ 1 (got {self.num_inference_steps})")
         if self.guidance_scale is not None and (not self.guidance_scale or min(self.guidance_scale) < 0):
             raise ConfigError(f"--guidance_scale must be ≥ 0 (got {self.guidance_scale})")
@@ -127,6 +132,7 @@ def run(cfg: EvaluateConfig) -> list[report.Result]:
     prompts = cfg.prompts()
     pipe, loaded = export.load_any(cfg.pipeline, cfg.pretrained_model_name_or_path)
     guidance_scales = cfg.guidance_scale or (loaded.get("student_guidance_scale", 1.0),)
+    steps = cfg.num_inference_steps or (loaded.get("student_num_inference_steps", DEFAULT_STEPS),)
     if cfg.scheduler is not None:
         pipe.scheduler = scheduler_class(cfg.scheduler).from_config(pipe.scheduler.config)
     image_size = loaded.get("student_resolution") or backbone_for(pipe).default_resolution(pipe)
@@ -144,7 +150,7 @@ def run(cfg: EvaluateConfig) -> list[report.Result]:
     )
     output_dir = Path(cfg.output_dir)
     results = report.evaluate(
-        pipe, Path(cfg.pipeline).name or cfg.pipeline, cfg.num_inference_steps, guidance_scales,
+        pipe, Path(cfg.pipeline).name or cfg.pipeline, steps, guidance_scales,
         prompts, scorers, output_dir=output_dir, seed=cfg.seed, batch_size=cfg.batch_size, resolution=image_size,
     )
     extra = {"pipeline": cfg.pipeline, **loaded, "scheduler": type(pipe.scheduler).__name__}

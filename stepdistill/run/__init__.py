@@ -5,7 +5,7 @@ calls these in order:
 
     setup = set_up(cfg, "dmd2")     # checked flags, seeds, threads, teacher, data, config.json, batches
     ... build the networks and the method from setup.teacher ...
-    trainer = fake_score_trainer(cfg, setup, nets, method, cfg.critic_learning_rate)  # or Trainer(trainer_config(cfg), ...)
+    trainer = fake_score_trainer(cfg, setup, nets, method, cfg.critic_learning_rate)  # or student_trainer(...)
     trainer.fit()
     finish(cfg, setup, trainer, student_network, adapter, scheduler)  # export for plain diffusers, score it, report.json
 
@@ -20,11 +20,11 @@ from stepdistill.run.setup import (
     Setup, batch_sampler, enable_gradient_checkpointing, open_output, scores_digits, set_up, start,
     student_scheduler, training_data,
 )
-from stepdistill.run.training import fake_score_trainer, make_validator, trainer_config
+from stepdistill.run.training import fake_score_trainer, make_validator, student_trainer, trainer_config
 
 __all__ = [
     "FakeScoreConfig", "GuidanceRangeConfig", "RunConfig", "Setup", "batch_sampler", "command_line",
     "enable_gradient_checkpointing",
     "export_student", "fake_score_trainer", "final_report", "finish", "make_validator", "open_output",
-    "scores_digits", "set_up", "start", "student_scheduler", "trainer_config", "training_data",
+    "scores_digits", "set_up", "start", "student_scheduler", "student_trainer", "trainer_config", "training_data",
 ]

@@ -1,4 +1,5 @@
-"""The trainer from the shared flags: the loop's settings, validation, and the fake-score methods' trainer."""
+"""The trainer from the shared flags: the loop's settings, validation, the fake-score methods' trainer and the
+student-only one."""
 
 from __future__ import annotations
 
@@ -59,4 +60,23 @@ def fake_score_trainer(cfg: RunConfig, setup: Setup, nets: Networks, method, cri
         next_batch=setup.next_batch,
         accelerator=setup.accelerator,
         validate=make_validator(cfg, setup.teacher, nets.student, method.student_timesteps, setup.prompts),
+    )
+
+
+def student_trainer(
+    trainer_cfg: TrainerConfig, setup: Setup, nets: Networks, method, validate: StudentValidator | None,
+    end_stage: Callable[[int], None] | None = None,
+) -> Trainer:
+    """The trainer of a student alone, with no critic: consistency and progressive distillation."""
+    return Trainer(
+        trainer_cfg,
+        method,
+        generator_modules=[nets.student.network],
+        generator_parameters=nets.generator_parameters(),
+        critic_modules=[],
+        critic_parameters=[],
+        next_batch=setup.next_batch,
+        accelerator=setup.accelerator,
+        validate=validate,
+        end_stage=end_stage,
     )

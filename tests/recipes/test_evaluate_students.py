@@ -62,3 +62,15 @@ def test_lora_weights_without_metadata_need_a_base(lora_students, tiny_pipeline_
     written = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert written["loaded"] == "lora" and written["base_model"] == str(tiny_pipeline_dir)
     assert written["scheduler"] == "LCMScheduler"
+
+
+def test_a_student_is_scored_at_its_own_step_count_unless_told(lora_students, tiny_pipeline_dir, shipped_classifier,
+                                                               tmp_path):
+    evaluate.main(["--pipeline", str(lora_students["consistency"]), "--num_samples", "10", "--output_dir",
+                   str(tmp_path / "student")])
+    assert [r["num_inference_steps"] for r in json.loads((tmp_path / "student" / "evaluation.json").read_text())[
+        "results"]] == [json.loads((lora_students["consistency"] / export.STUDENT_METADATA).read_text())[
+        "num_inference_steps"]]
+    evaluate.main(["--pipeline", str(tiny_pipeline_dir), "--num_samples", "10", "--output_dir", str(tmp_path / "teacher")])
+    assert [r["num_inference_steps"] for r in json.loads((tmp_path / "teacher" / "evaluation.json").read_text())[
+        "results"]] == [evaluate.DEFAULT_STEPS]
