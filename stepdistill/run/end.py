@@ -72,8 +72,9 @@ def final_report(
     On the digits: FD-digits and prompt accuracy at 1 and N student steps (and ``student_steps``)
     and for the teacher (at ``cfg.teacher_report_guidance_scale``), with grids; otherwise a grid of
     the first 16 training prompts; ``--eval_num_samples 0`` scores nothing. ``earlier_students``
-    (a staged run's: name → (exported folder, its step count)) are scored on the digits beside it. ``validation_curve.png``: the validations' FD-digits
-    against steps, whenever the run validated on the digits. Students sample at
+    (a staged run's: name → (exported folder, its step count)) are scored on the digits beside it.
+    ``validation_curve.png``: the validations' FD-digits against steps, whenever the run validated on
+    the digits. Students sample at
     ``student_guidance_scale`` (1: distilled in; else a guidance-scale input's value).
     """
     output_dir = Path(cfg.output_dir)
