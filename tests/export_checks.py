@@ -7,6 +7,7 @@ import torch
 from stepdistill import export
 from stepdistill.diffusion import few_step_sample
 from stepdistill.models import networks
+from stepdistill.models.loading import load_pipeline
 from stepdistill.models.teacher import load_teacher
 
 PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
@@ -42,3 +43,15 @@ def diffusers_samples(pipe, teacher, num_steps: int, guidance_scale: float = 1.0
         prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=guidance_scale, latents=noise,
         generator=torch.Generator().manual_seed(2), output_type="latent",
     ).images
+
+
+def export_and_load(teacher, base, network, folder, num_steps: int, scheduler, use_lora: bool):
+    """Export ``network``'s student (LoRA adapter or full weights) and load it back as plain diffusers does."""
+    if use_lora:
+        export.export_lora(teacher.pipeline, network, networks.STUDENT, folder, num_steps, scheduler)
+        pipe = export.load_lora_student(base, folder)
+    else:
+        export.export_full(teacher.pipeline, network, folder, num_steps, scheduler)
+        pipe = load_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -12,11 +12,10 @@ import torch
 from stepdistill import export
 from stepdistill.diffusion import process_from_scheduler
 from stepdistill.methods.consistency import ConsistencyDenoiser
-from stepdistill.models import networks
 from stepdistill.models.guidance_embedding import LCM_EMBEDDING_DIM, AtGuidanceScale
 from stepdistill.models.loading import load_pipeline
 
-from export_checks import diffusers_samples, perturbed_networks, trainer_samples
+from export_checks import diffusers_samples, export_and_load, perturbed_networks, trainer_samples
 
 
 def perturbed_student(folder, use_lora: bool):
@@ -33,12 +32,7 @@ def test_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, use_lora, 
     scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process, timestep_scaling=10.0,
                                          original_inference_steps=solver_steps)
     expected = trainer_samples(teacher, student, scheduler, num_steps)
-    if use_lora:
-        export.export_lora(teacher.pipeline, nets.student.network, networks.STUDENT, tmp_path, num_steps, scheduler)
-        pipe = export.load_lora_student(tiny_pipeline_dir, tmp_path)
-    else:
-        export.export_full(teacher.pipeline, nets.student.network, tmp_path, num_steps, scheduler)
-        pipe = load_pipeline(tmp_path)
+    pipe = export_and_load(teacher, tiny_pipeline_dir, nets.student.network, tmp_path, num_steps, scheduler, use_lora)
     assert pipe.scheduler.config.timestep_scaling == 10.0
     assert pipe.scheduler.config.original_inference_steps == solver_steps
     torch.testing.assert_close(diffusers_samples(pipe, teacher, num_steps), expected, rtol=1e-5, atol=1e-5)

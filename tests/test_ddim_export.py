@@ -10,8 +10,9 @@ import torch
 from stepdistill import export
 from stepdistill.diffusion import ddim_sample
 from stepdistill.models import networks
-from stepdistill.models.loading import load_pipeline
 from stepdistill.models.teacher import load_teacher
+
+from export_checks import export_and_load
 
 PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
 
@@ -48,14 +49,8 @@ def test_ddim_export_samples_like_the_trainer(backbone_dirs, tiny_pipeline_dir, 
         with torch.no_grad():
             expected = ddim_sample(lambda x, t: nets.student(x, t, condition), noise, grid[:-1].tolist(),
                                    nets.student.process)
-        out = tmp_path / f"{num_steps}"
-        if use_lora:
-            export.export_lora(teacher.pipeline, nets.student.network, networks.STUDENT, out, num_steps, scheduler)
-            pipe = export.load_lora_student(folder, out)
-        else:
-            export.export_full(teacher.pipeline, nets.student.network, out, num_steps, scheduler)
-            pipe = load_pipeline(out)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = export_and_load(teacher, folder, nets.student.network, tmp_path / f"{num_steps}", num_steps, scheduler,
+                               use_lora)
         if backbone == "sd":
             assert pipe.scheduler.config.prediction_type == "v_prediction"
         torch.testing.assert_close(latents_of(pipe, teacher, noise, num_steps), expected, rtol=1e-4, atol=1e-4)
