@@ -73,7 +73,8 @@ def test_a_run_resumed_across_a_stage_boundary_equals_the_uninterrupted_one(prog
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(start_steps=6, num_student_steps=4), "end_steps times a power of two"),
+    (dict(start_steps=6, num_student_steps=4), "must be --num_student_steps \\(4\\) times 2, 4, 8"),
+    (dict(start_steps=4, num_student_steps=4), "every stage halves the steps"),
     (dict(num_student_steps=16, start_steps=32), "must divide the teacher's 1000 timesteps"),
     (dict(start_steps=1024, num_student_steps=1), "must be ≤ 500"),
     (dict(ema_decay=0.9), "no EMA is kept across stages"),
