@@ -67,8 +67,8 @@ class ProgressiveConfig(run.GuidanceRangeConfig):
         try:
             progressive.halving_stages(self.start_steps, self.num_student_steps)
         except ValueError:
-            raise ConfigError(f"--start_steps ({self.start_steps}) must be --num_student_steps ({self.num_student_steps}) "
-                              "times 2, 4, 8, …: every stage halves the steps") from None
+            raise ConfigError(f"--start_steps ({self.start_steps}) must be --num_student_steps "
+                              f"({self.num_student_steps}) times 2, 4, 8, …: every stage halves the steps") from None
         scheduler = self.teacher_scheduler_config()
         num_train_timesteps = scheduler["num_train_timesteps"]
         if "FlowMatch" not in scheduler.get("_class_name", ""):

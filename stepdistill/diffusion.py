@@ -41,17 +41,17 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+VP_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+LCM_SIGMA_DATA = 0.5  # σ_d of diffusers' LCMScheduler boundary scalings
+
+
 @dataclass
 class Prediction:
     """A denoiser's output: clean sample and noise estimates (x̂0, ε̂)."""
 
     x0: torch.Tensor
     eps: torch.Tensor
-
-
-VP_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
-LCM_SIGMA_DATA = 0.5  # σ_d of diffusers' LCMScheduler boundary scalings
 
 
 class NoiseProcess:
