@@ -224,6 +224,7 @@ class StageTeacher:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pairs = self._pairs()
         if set(state) != {name for name, _, _ in pairs}:
-            raise KeyError(f"the saved stage teacher holds other weights ({len(state)} tensors, this run's has {len(pairs)})")
+            raise KeyError(f"the saved stage teacher holds other weights ({len(state)} tensors, this run's has "
+                           f"{len(pairs)})")
         for name, own, _ in pairs:
             own.copy_(state[name])
