@@ -56,6 +56,10 @@ class ConsistencyConfig(run.GuidanceRangeConfig):
                                     "(DDPM-family teachers); exported", greater_than=0)
     eval_steps: tuple[int, ...] = field((1, 2, 4, 8), "student step counts scored in the final report", at_least=1)
 
+    @property
+    def needs_real_images(self) -> bool:
+        return True
+
     def validate(self) -> None:
         super().validate()
         if self.use_lora and self.guidance_embedding:

@@ -58,6 +58,10 @@ class ProgressiveConfig(run.GuidanceRangeConfig):
     def num_stages(self) -> int:
         return len(progressive.halving_stages(self.start_steps, self.num_student_steps)) + self.guidance_distillation
 
+    @property
+    def needs_real_images(self) -> bool:
+        return True
+
     def validate(self) -> None:
         super().validate()
         if self.prompts_file:

@@ -1,11 +1,12 @@
-"""``python -m stepdistill <command> [flags]``; commands: ``evaluate``, ``bench``, ``throughput``."""
+"""``python -m stepdistill <command> [flags]``; commands: ``evaluate``, ``bench``, ``throughput``, ``cache``,
+``bench-data``."""
 
 from __future__ import annotations
 
 import sys
 
 COMMANDS = {"evaluate": "stepdistill.evaluate", "bench": "stepdistill.bench",
-            "throughput": "stepdistill.throughput"}
+            "throughput": "stepdistill.throughput", "cache": "stepdistill.precompute", "bench-data": "stepdistill.bench_data"}
 
 
 def main(argv: list[str] | None = None) -> None:

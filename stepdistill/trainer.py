@@ -375,7 +375,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
         if self.accelerator.is_main_process:  # our own state, as JSON and safetensors (nothing pickled)
             schedulers = {role: scheduler.state_dict() for role, scheduler in self.lr_schedulers.items()}
-            (partial / TRAINER_STATE).write_text(json.dumps({"progress": self.progress.state_dict(), "lr_schedulers": schedulers}))
+            state = {"progress": self.progress.state_dict(), "lr_schedulers": schedulers}
+            if hasattr(self.next_batch, "state_dict"):  # streamed data: where it is read up to
+                state["data"] = self.next_batch.state_dict()
+            (partial / TRAINER_STATE).write_text(json.dumps(state))
             if self.ema is not None:
                 self.ema.save(partial / EMA_WEIGHTS)
             method_state = self.method.state_dict() if hasattr(self.method, "state_dict") else {}
@@ -438,6 +441,14 @@ class Trainer:
         self.progress.load_state_dict(state["progress"])
         for role, scheduler in self.lr_schedulers.items():
             scheduler.load_state_dict(state["lr_schedulers"][role])
+        if hasattr(self.next_batch, "load_state_dict"):
+            if "data" not in state:
+                raise checkpoints.CheckpointError(f"{checkpoint} holds no data position (written before streamed data "
+                                                  "was resumable): start the run afresh")
+            try:
+                self.next_batch.load_state_dict(state["data"])
+            except ValueError as error:
+                raise checkpoints.CheckpointError(f"{checkpoint}: {error}; resume with the run's flags") from None
         if self.ema is not None:
             try:
                 self.ema.load(checkpoint / EMA_WEIGHTS)

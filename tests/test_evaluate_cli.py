@@ -166,7 +166,7 @@ def test_module_without_a_command_prints_usage(argv):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code not in (0, None)
-    assert str(exit_info.value.code).startswith("usage: python -m stepdistill {evaluate,bench,throughput}")
+    assert str(exit_info.value.code).startswith("usage: python -m stepdistill {evaluate,bench,throughput,cache,bench-data}")
 
 
 def test_module_dispatches_to_evaluate(capsys):

@@ -1,18 +1,17 @@
-"""User data for recipes: prompt files and captioned image folders.
+"""Reading users' prompts and images: prompts files, one image, its square crop; :class:`DataError`.
 
-* ``--prompts_file``: ``.txt`` (one prompt per line) or ``.jsonl`` (objects with a ``"prompt"``
-  or ``"text"`` field).
-* ``--train_data_dir``: a folder of images with ``metadata.jsonl`` rows ``{"file_name": ..., "text": ...}``
-  (the layout of diffusers' ImageFolder datasets).
+A prompts file is ``.txt`` (one prompt per line) or ``.jsonl`` (objects with a ``"prompt"`` or
+``"text"`` field); :func:`read_prompts` reads a small one whole (evaluation prompts), and
+:mod:`stepdistill.data.sources` reads training data of any size lazily with the same rules.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-import torch
 from PIL import Image
 
 
@@ -35,62 +34,51 @@ def _text_lines(path: Path) -> list[str]:
     return text.splitlines()
 
 
+def prompt_of_line(path: Path, number: int, line: str) -> str:
+    """The prompt on line ``number`` of a prompts file: the line itself, or in a ``.jsonl`` file the
+    object's ``"prompt"`` or ``"text"`` field; :class:`DataError` naming the line for anything else."""
+    if path.suffix != ".jsonl":
+        return line.strip()
+    try:
+        row = json.loads(line)
+    except ValueError:
+        raise DataError(f"{path}:{number} is not a JSON object (a .jsonl file has one per line)") from None
+    prompt = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+    if not isinstance(prompt, str):
+        raise DataError(f"{path}:{number} has no 'prompt' or 'text' string field")
+    return prompt
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a ``.txt`` (one a line) or ``.jsonl`` file, blank lines skipped; :class:`DataError`
     naming the file and line for anything else."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no prompts file at {path}")
-    prompts = []
-    for number, line in enumerate(_text_lines(path), 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append(line.strip())
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise DataError(f"{path}:{number} is not a JSON object (a .jsonl file has one per line)") from None
-        prompt = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-        if not isinstance(prompt, str):
-            raise DataError(f"{path}:{number} has no 'prompt' or 'text' string field")
-        prompts.append(prompt)
+    prompts = [prompt_of_line(path, number, line) for number, line in enumerate(_text_lines(path), 1) if line.strip()]
     if not prompts:
         raise DataError(f"{path} holds no prompts (it is empty or only blank lines)")
     return prompts
 
 
-def read_image_folder(folder: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
-    """Images ``(N, 3, size, size)`` in [-1, 1] (centre-cropped, resized) and their captions;
-    :class:`DataError` naming the file for a bad metadata line or an unreadable image."""
-    folder = Path(folder)
-    metadata = folder / "metadata.jsonl"
-    if not metadata.is_file():
-        raise DataError(f"{folder} needs a metadata.jsonl with one {{\"file_name\", \"text\"}} object per image")
-    images, captions = [], []
-    for number, line in enumerate(_text_lines(metadata), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            file_name, caption = row["file_name"], row["text"]
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{metadata}:{number} is not a JSON object with 'file_name' and 'text'") from None
-        images.append(square_image(folder / file_name, size))
-        captions.append(caption)
-    if not images:
-        raise DataError(f"{metadata} lists no images")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+def open_image(source: Path | BinaryIO, name: str | Path) -> Image.Image:
+    """The RGB image in ``source`` (a path or an open file); :class:`DataError` naming ``name`` when
+    it is missing, truncated or not an image."""
+    try:
+        with Image.open(source) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read the image {name}: {error}") from None
+
+
+def square_crop(picture: Image.Image, size: int, offset: float = 0.5) -> np.ndarray:
+    """The largest square of ``picture``, ``offset`` of the way along its longer side (0.5: centred),
+    resized to ``size`` (bicubic), as ``(size, size, 3)`` uint8."""
+    side = min(picture.size)
+    left, top = round((picture.width - side) * offset), round((picture.height - side) * offset)
+    return np.asarray(picture.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC))
 
 
 def square_image(path: Path, size: int) -> np.ndarray:
     """The centre square of the image at ``path``, resized to ``size``, as ``(size, size, 3)`` uint8."""
-    try:
-        with Image.open(path) as opened:
-            picture = opened.convert("RGB")
-    except (OSError, ValueError) as error:  # missing, truncated, or not an image
-        raise DataError(f"cannot read the image {path}: {error}") from None
-    side = min(picture.size)
-    left, top = (picture.width - side) // 2, (picture.height - side) // 2
-    return np.asarray(picture.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC))
+    return square_crop(open_image(path, path), size)

@@ -7,6 +7,7 @@ SD3/SD3.5 and Flux (transformers, rectified flow). Others are refused with a mes
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -57,12 +58,28 @@ class Teacher:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Scaled (and shifted, where the VAE has a shift factor) VAE latents (posterior means) of
-        ``(N, 3, H, W)`` images in [-1, 1]."""
+        ``(N, 3, H, W)`` images in [-1, 1], contiguous whatever the images' memory layout (``randn_like``
+        draws other numbers for another layout)."""
         vae = self.pipeline.vae
         shift = vae.config.get("shift_factor") or 0.0
         latents = [(vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean - shift) * vae.config.scaling_factor
                    for chunk in images.split(batch_size)]
-        return torch.cat(latents).float()
+        return torch.cat(latents).float().contiguous()
+
+    def encoder_fingerprints(self) -> dict[str, str]:
+        """A fingerprint of each encoder a cache depends on (the VAE and every text encoder), by name:
+        SHA-256 of its parameters' names, shapes and dtypes and ~1,024 values spread over each (a
+        full hash of a 5 B-parameter T5 would take minutes; a different checkpoint differs in these)."""
+        fingerprints = {}
+        for name, part in sorted(self.pipeline.components.items()):
+            if isinstance(part, nn.Module) and (name == "vae" or name.startswith("text_encoder")):
+                digest = hashlib.sha256()
+                for key, tensor in part.state_dict().items():
+                    flat = tensor.detach().reshape(-1)
+                    sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy()
+                    digest.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.tobytes())
+                fingerprints[name] = digest.hexdigest()[:16]
+        return fingerprints
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

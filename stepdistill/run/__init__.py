@@ -9,7 +9,7 @@ calls these in order:
     trainer.fit()
     finish(cfg, setup, trainer, student_network, adapter, scheduler)  # export for plain diffusers, score it, report.json
 
-Modules: :mod:`.flags` (the shared flags), :mod:`.setup`, :mod:`.training` (trainer and validator
+Modules: :mod:`.flags` (the shared flags), :mod:`.setup`, :mod:`.data` (streamed users' data), :mod:`.training` (trainer and validator
 assembly), :mod:`.end` (export and report), :mod:`.cli` (a recipe's ``__main__``).
 """
 
@@ -17,14 +17,14 @@ from stepdistill.run.cli import command_line
 from stepdistill.run.end import export_student, final_report, finish
 from stepdistill.run.flags import FakeScoreConfig, GuidanceRangeConfig, RunConfig
 from stepdistill.run.setup import (
-    Setup, batch_sampler, enable_gradient_checkpointing, open_output, scores_digits, set_up, start,
-    student_scheduler, training_data,
+    Setup, enable_gradient_checkpointing, in_memory_batches, open_output, scores_digits, set_up, start,
+    student_scheduler,
 )
 from stepdistill.run.training import fake_score_trainer, make_validator, student_trainer, trainer_config
 
 __all__ = [
-    "FakeScoreConfig", "GuidanceRangeConfig", "RunConfig", "Setup", "batch_sampler", "command_line",
-    "enable_gradient_checkpointing",
+    "FakeScoreConfig", "GuidanceRangeConfig", "RunConfig", "Setup", "command_line", "enable_gradient_checkpointing",
+    "in_memory_batches",
     "export_student", "fake_score_trainer", "final_report", "finish", "make_validator", "open_output",
-    "scores_digits", "set_up", "start", "student_scheduler", "student_trainer", "trainer_config", "training_data",
+    "scores_digits", "set_up", "start", "student_scheduler", "student_trainer", "trainer_config",
 ]

@@ -14,6 +14,9 @@ from diffusers.optimization import SchedulerType
 from stepdistill import config as configs
 from stepdistill.assets import DIGITS_TEACHER, DIGITS_TEACHER_BEST_GUIDANCE
 from stepdistill.config import ConfigError, field
+from stepdistill.data import sources
+from stepdistill.data.cache import MANIFEST
+from stepdistill.data.loader import BAD_IMAGE_CHOICES
 from stepdistill.diffusion import TIMESTEP_SAMPLINGS
 from stepdistill.models.loading import PipelineError, require_pipeline_location
 from stepdistill.checkpoints import CheckpointError, find_checkpoint
@@ -25,17 +28,43 @@ TRACKERS = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
 
 
 @dataclass
-class RunConfig:
-    """Flags every recipe shares; a recipe's config subclasses this and adds its method's flags."""
+class TeacherDataConfig:
+    """The teacher and the data it reads: the flags a recipe and ``python -m stepdistill cache`` share."""
 
-    # model
     pretrained_model_name_or_path: str = field(str(DIGITS_TEACHER), "teacher pipeline folder or hub id (default: shipped digits teacher)")
     revision: str | None = field(None, "hub revision of the teacher")
     variant: str | None = field(None, "weight variant of the teacher, e.g. fp16")
-    use_lora: bool = field(False, "train LoRA adapters on the frozen teacher network instead of full copies")
-    lora_rank: int = field(16, "LoRA rank", at_least=1)
     resolution: int | None = field(None, "image side in px (default: the teacher's own; a multiple of its VAE and "
                                          "patch size)", at_least=8)
+    prompts_file: str | None = field(None, ".txt / .jsonl prompts, read lazily (default: the digits captions)")
+    train_data_dir: str | None = field(None, "captioned real images: a folder with metadata.jsonl, a datasets folder "
+                                             "(save_to_disk) or Parquet files, or tar shards 'shards/{00000..00099}.tar'")
+    image_column: str = field("image", "image column of a datasets --train_data_dir")
+    caption_column: str = field("text", "caption column of a datasets --train_data_dir")
+    center_crop: bool = field(True, "crop images to their centre square (false: a random square)")
+    on_bad_image: str = field("stop", "an unreadable training image: stop the run naming it, or skip it (each "
+                                      "skip is logged with its file)", choices=BAD_IMAGE_CHOICES)
+    dataloader_num_workers: int = field(0, "processes reading and cropping images ahead of training (0: the main "
+                                           "process)", at_least=0)
+
+    def validate_data(self) -> None:
+        """The data flags' checks that read nothing but the folder layout."""
+        if self.prompts_file and self.train_data_dir:
+            raise ConfigError("give --prompts_file or --train_data_dir (whose captions are the prompts), not both")
+        if self.prompts_file and not Path(self.prompts_file).is_file():
+            raise ConfigError(f"--prompts_file {self.prompts_file} does not exist")
+        problem = sources.layout_problem(self.train_data_dir) if self.train_data_dir else None
+        if problem:
+            raise ConfigError(f"--train_data_dir {problem}")
+
+
+@dataclass
+class RunConfig(TeacherDataConfig):
+    """Flags every recipe shares; a recipe's config subclasses this and adds its method's flags."""
+
+    # model
+    use_lora: bool = field(False, "train LoRA adapters on the frozen teacher network instead of full copies")
+    lora_rank: int = field(16, "LoRA rank", at_least=1)
     timestep_sampling: str = field("uniform", "how training noise levels are drawn: uniform, or logit_normal "
                                               "(flow-matching teachers: σ = shift(sigmoid(z)), z ~ N(m, s²), SD3's)",
                                    choices=TIMESTEP_SAMPLINGS)
@@ -43,9 +72,10 @@ class RunConfig:
     logit_std: float = field(1.0, "s of --timestep_sampling logit_normal", greater_than=0)
     timestep_shift: float | None = field(None, "flow-matching teachers: the σ shift (default: the scheduler's; Flux's "
                                                "dynamic shift at --resolution)", greater_than=0)
-    # data
-    prompts_file: str | None = field(None, ".txt / .jsonl prompts (default: the digits captions)")
-    train_data_dir: str | None = field(None, "captioned image folder (metadata.jsonl) of real images")
+    # data (beside the teacher's and the data's flags above)
+    cache_dir: str | None = field(None, "latents and text-encoder outputs written by python -m stepdistill cache, "
+                                        "instead of --train_data_dir / --prompts_file")
+    random_flip: bool = field(False, "flip training images left-right at random")
     # student
     num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50)", at_least=1)
     guidance_scale: float = field(DIGITS_TEACHER_BEST_GUIDANCE, "teacher classifier-free guidance distilled into the "
@@ -122,12 +152,14 @@ class RunConfig:
             raise ConfigError(FP16_ON_CPU)
         if self.report_to not in ("auto", "none") and self.report_to not in get_available_trackers():
             raise ConfigError(f"--report_to {self.report_to}: the package is not installed (pip install {self.report_to})")
-        if self.prompts_file and self.train_data_dir:
-            raise ConfigError("give --prompts_file or --train_data_dir (whose captions are the prompts), not both")
-        if self.prompts_file and not Path(self.prompts_file).is_file():
-            raise ConfigError(f"--prompts_file {self.prompts_file} does not exist")
-        if self.train_data_dir and not (Path(self.train_data_dir) / "metadata.jsonl").is_file():
-            raise ConfigError(f"--train_data_dir {self.train_data_dir} needs a metadata.jsonl (file_name, text per line)")
+        self.validate_data()
+        if self.cache_dir and (self.prompts_file or self.train_data_dir):
+            raise ConfigError("--cache_dir holds the data it was made from: drop --prompts_file / --train_data_dir")
+        if self.cache_dir and not (Path(self.cache_dir) / MANIFEST).is_file():
+            raise ConfigError(f"--cache_dir {self.cache_dir} is not a finished cache (no {MANIFEST}): write it with "
+                              "python -m stepdistill cache")
+        if self.cache_dir and self.random_flip:
+            raise ConfigError("--random_flip needs images, and --cache_dir holds their latents: cache without it")
         configs.require_writable_dir(self.output_dir, "--output_dir")
         if self.resume_from_checkpoint:  # resolved again, with warnings, when the run resumes
             try:
@@ -164,9 +196,14 @@ class RunConfig:
         return DIGITS_TEACHER_BEST_GUIDANCE if shipped else self.guidance_scale
 
     @property
+    def needs_real_images(self) -> bool:
+        """Whether the method trains on real images (recipes whose method noises them say so)."""
+        return False
+
+    @property
     def uses_digits(self) -> bool:
         """Whether the run trains on the embedded digits data (and so can be scored offline)."""
-        return not (self.prompts_file or self.train_data_dir)
+        return not (self.prompts_file or self.train_data_dir or self.cache_dir)
 
 
 DEFAULT_CONDITIONING_TIMESTEP = 625  # SiD's initial timestep on SD's 1,000-step schedule
@@ -191,6 +228,10 @@ class FakeScoreConfig(RunConfig):
                                              "it learns each step's outputs apart, not their mixture (not in the "
                                              "papers; full weights only; the step embedding learns at 10× "
                                              "--critic_learning_rate)")
+
+    @property
+    def needs_real_images(self) -> bool:
+        return self.uses_gan
 
     def validate(self) -> None:
         super().validate()

@@ -17,11 +17,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from stepdistill import conditioning, export
 from stepdistill import config as configs
 from stepdistill.config import ConfigError
-from stepdistill.data import digits, prompts as user_data
+from stepdistill.data import digits
 from stepdistill.diffusion import FlowProcess
 from stepdistill.methods.base import Batch
 from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher, load_teacher
+from stepdistill.run import data
 from stepdistill.run.flags import FakeScoreConfig, RunConfig
 from stepdistill.trainer import make_accelerator, require_data_parallel, set_cpu_threads
 
@@ -74,18 +75,18 @@ def open_output(cfg: RunConfig, accelerator: Accelerator, name: str) -> None:
 
 @dataclass
 class Setup:
-    """What a recipe starts from: the device, the frozen teacher, the prompts (and real latents), batches."""
+    """What a recipe starts from: the device, the frozen teacher, training prompts (all of the digits',
+    a sample of up to 1,024 of streamed data) and ``next_batch``."""
 
     accelerator: Accelerator
     teacher: Teacher
     prompts: list[str]
-    real_latents: torch.Tensor | None
     next_batch: Callable[[], Batch]
 
 
 def set_up(cfg: RunConfig, name: str) -> Setup | None:
-    """Check the flags (``None`` on ``--dry_run``), then :func:`start`, load the teacher and the data,
-    :func:`open_output` and make the batch sampler. Any bad input fails before a file is written."""
+    """Check the flags (``None`` on ``--dry_run``), then :func:`start`, load the teacher, open the data,
+    :func:`open_output` and make the batches. Any bad input fails before a file is written."""
     cfg.validate()
     if cfg.dry_run:
         print("flags are valid; --dry_run set, exiting before loading any model")
@@ -95,39 +96,31 @@ def set_up(cfg: RunConfig, name: str) -> Setup | None:
                            cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.timestep_shift)
     cfg.validate_teacher(teacher)
     teacher.pipeline.to(accelerator.device)
-    prompts, real_latents = training_data(cfg, teacher)
+    if cfg.uses_digits:
+        prompts, next_batch = in_memory_batches(cfg, teacher, accelerator.device)
+    else:
+        prompts, next_batch, has_images = data.batch_stream(cfg, teacher, accelerator)
+        if cfg.needs_real_images and not has_images:
+            raise ConfigError(f"--cache_dir {cfg.cache_dir} holds prompts only, and this run trains on real images: "
+                              "cache a --train_data_dir")
     open_output(cfg, accelerator, name)
-    next_batch = batch_sampler(cfg, teacher, prompts, real_latents, accelerator.device)
-    return Setup(accelerator, teacher, prompts, real_latents, next_batch)
+    return Setup(accelerator, teacher, prompts, next_batch)
 
 
-def training_data(cfg: RunConfig, teacher: Teacher) -> tuple[list[str], torch.Tensor | None]:
-    """Prompts to train on and, when available, the matching real images' latents."""
-    if cfg.train_data_dir:
-        images, captions = user_data.read_image_folder(cfg.train_data_dir, teacher.resolution)
-        return captions, teacher.encode_images(images)
-    if cfg.prompts_file:
-        return user_data.read_prompts(cfg.prompts_file), None
-    train = digits.load_digits("train")  # the digits default: captions and images of the train split
-    return train.prompts, teacher.encode_images(train.images)
-
-
-def batch_sampler(
-    cfg: RunConfig, teacher: Teacher, prompts: list[str], real_latents: torch.Tensor | None, device: torch.device
-) -> Callable[[], Batch]:
-    """``next_batch()``: ``train_batch_size`` random prompts' cached conditions, the unconditional
-    condition, and the matching real latents (when there are any)."""
-    condition = teacher.encode_prompts(prompts)
+def in_memory_batches(cfg: RunConfig, teacher: Teacher, device: torch.device) -> tuple[list[str], Callable[[], Batch]]:
+    """The embedded digits' train split, encoded up front, and ``next_batch()``: ``train_batch_size``
+    random examples' cached conditions and latents (drawn with replacement from torch's generator,
+    which checkpoints keep), with the unconditional condition."""
+    train = digits.load_digits("train")
+    condition, real_latents = teacher.encode_prompts(train.prompts), teacher.encode_images(train.images)
     unconditional = conditioning.to(conditioning.expand(teacher.encode_unconditional(), cfg.train_batch_size), device)
 
     def next_batch() -> Batch:
         pick = torch.randint(conditioning.batch_size(condition), (cfg.train_batch_size,))
-        return Batch(
-            condition=conditioning.to(conditioning.select(condition, pick), device), unconditional=unconditional,
-            real_latents=real_latents[pick].to(device) if real_latents is not None else None,
-        )
+        return Batch(condition=conditioning.to(conditioning.select(condition, pick), device), unconditional=unconditional,
+                     real_latents=real_latents[pick].to(device))
 
-    return next_batch
+    return train.prompts, next_batch
 
 
 def student_scheduler(cfg: FakeScoreConfig, teacher: Teacher) -> SchedulerMixin:

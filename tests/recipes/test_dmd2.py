@@ -119,7 +119,7 @@ def test_the_regression_term_trains_in_the_recipe(dmd2, tiny_pipeline_dir, tmp_p
         (["--use_lora", "true", "--gradient_checkpointing", "true"], "--gradient_checkpointing needs full weights"),
         (["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU"),
         (["--prompts_file", "a.txt", "--train_data_dir", "b"], "not both"),
-        (["--train_data_dir", "tests"], "needs a metadata.jsonl"),
+        (["--train_data_dir", "tests"], "none of the data layouts: a folder with metadata.jsonl"),
         (["--guidance_scale", "-1"], "--guidance_scale must be ≥ 0"),
         (["--critic_learning_rate=-1e-4"], "--critic_learning_rate must be > 0"),
         (["--train_batch_size", "0"], "--train_batch_size must be ≥ 1"),
@@ -203,7 +203,7 @@ def test_unreadable_data_ends_in_one_line_naming_the_file(dmd2, tiny_pipeline_di
                                      "--gan_critic_weight", "0", "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_info:
         dmd2.run.command_line(dmd2.DMD2Config, dmd2.main, prog="recipes/dmd2.py")
-    assert exit_info.value.code == f"error: {prompts}:2 is not UTF-8 text (byte 0xff); give a text file of prompts"
+    assert exit_info.value.code == f"error: {prompts}:2 is not UTF-8 text (byte 0xff)"
     assert not (tmp_path / "out").exists()
 
 
