@@ -85,8 +85,10 @@ class BatchStream:
         self.skipped = 0
 
     def _raw_batches(self):
+        # Its own generator: a loader draws its workers' base seed when it starts, which from torch's global
+        # generator would shift every later draw of a resumed run (its loader starts again) off the uninterrupted one's.
         loader = DataLoader(self.examples, batch_sampler=self.order, num_workers=self.num_workers, collate_fn=collate,
-                            persistent_workers=False)
+                            generator=torch.Generator().manual_seed(self.order.seed))
         return iter(loader)
 
     def __call__(self) -> Batch:
