@@ -8,7 +8,7 @@ import math
 import pytest
 from notebook_runner import execute, printed
 
-from stepdistill import bench
+from stepdistill import bench, bench_data
 from stepdistill.config import ConfigError
 from stepdistill.data import digits
 from stepdistill.evaluation import report
@@ -136,3 +136,10 @@ def test_every_subpackage_is_listed_for_the_wheel():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "stepdistill").rglob("__init__.py")}
     assert listed == found | {"stepdistill.recipes"}
+
+
+def test_bench_data_prints_start_up_time_and_memory_per_dataset(tmp_path, capsys):
+    bench_data.main(["--image_counts", "6", "--prompt_counts", "20,40", "--work_dir", str(tmp_path), "--num_threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| image") or line.startswith("| prompts")]
+    assert [row.split(" | ")[1] for row in rows] == ["6", "20", "40"]
+    assert all(float(row.split(" | ")[2]) > 0 and float(row.split(" | ")[3].rstrip(" |")) > 100 for row in rows)  # s, MiB

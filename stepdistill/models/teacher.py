@@ -58,13 +58,13 @@ class Teacher:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Scaled (and shifted, where the VAE has a shift factor) VAE latents (posterior means) of
-        ``(N, 3, H, W)`` images in [-1, 1], contiguous whatever the images' memory layout (``randn_like``
-        draws other numbers for another layout)."""
+        ``(N, 3, H, W)`` images in [-1, 1], in the memory layout the VAE leaves them (channels-last on
+        the CPU: ``randn_like`` of them draws other numbers than of a contiguous copy)."""
         vae = self.pipeline.vae
         shift = vae.config.get("shift_factor") or 0.0
         latents = [(vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean - shift) * vae.config.scaling_factor
                    for chunk in images.split(batch_size)]
-        return torch.cat(latents).float().contiguous()
+        return torch.cat(latents).float()
 
     def encoder_fingerprints(self) -> dict[str, str]:
         """A fingerprint of each encoder a cache depends on (the VAE and every text encoder), by name:

@@ -103,8 +103,8 @@ class BatchStream:
             return self()
         condition = raw.get("condition") or self.teacher.encode_prompts(raw["captions"])
         latents = raw.get("latents")
-        if latents is None and "images" in raw:
-            latents = self.teacher.encode_images(raw["images"])
+        if latents is None and "images" in raw:  # contiguous, as a cache's rows are: randn_like draws by layout
+            latents = self.teacher.encode_images(raw["images"]).contiguous()
         size = len(raw["captions"])
         return Batch(condition=conditioning.to(condition, self.device),
                      unconditional=conditioning.expand(self.unconditional, size),
