@@ -235,7 +235,11 @@ def set_cpu_threads(accelerator: Accelerator, num_threads: int = 0) -> None:
 
 
 class Trainer:
-    """Drive ``method`` over ``next_batch()`` with a generator optimiser and a critic optimiser."""
+    """Drive ``method`` over ``next_batch()`` with a generator optimiser and a critic optimiser.
+
+    A ``next_batch`` with ``state_dict()`` / ``load_state_dict()`` (streamed data) has its position
+    kept in every checkpoint and restored on resume; a plain function draws from torch's generator,
+    whose state accelerate keeps."""
 
     def __init__(
         self,
