@@ -29,6 +29,7 @@ from PIL import Image
 from stepdistill import config as configs
 from stepdistill.assets import RECIPES_DIR
 from stepdistill.config import field
+from stepdistill.data import digits
 
 RECIPE = RECIPES_DIR / "dmd2.py"
 
@@ -62,18 +63,16 @@ def write_image_folders(root: Path, counts: tuple[int, ...], size: int) -> dict[
         with (folder / "metadata.jsonl").open("w") as metadata:
             for index in range(count):
                 metadata.write(json.dumps({"file_name": f"../images/{index:07d}.png",
-                                           "text": f"a handwritten digit {'zero one two three four five six seven eight nine'.split()[index % 10]}"})
-                               + "\n")
+                                           "text": digits.prompt_for(index % 10)}) + "\n")
         folders[count] = folder
     return folders
 
 
 def write_prompts_file(root: Path, count: int) -> Path:
     path = root / f"prompts-{count}.txt"
-    digits = "zero one two three four five six seven eight nine".split()
     with path.open("w") as prompts:
         for start in range(0, count, 100_000):
-            prompts.write("".join(f"a handwritten digit {digits[i % 10]}, picture {i}\n"
+            prompts.write("".join(f"{digits.prompt_for(i % 10)}, picture {i}\n"
                                   for i in range(start, min(count, start + 100_000))))
     return path
 

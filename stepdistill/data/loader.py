@@ -50,6 +50,9 @@ class TrainingExamples(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def caption(self, index: int) -> str:
+        return self.source.caption(index)
+
 
 def collate(items: list[dict]) -> dict:
     """A batch: ``captions`` and ``images`` ``(B, 3, H, W)`` in [-1, 1] (when the examples have them) of

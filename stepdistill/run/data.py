@@ -20,6 +20,7 @@ from stepdistill.data.loader import TrainingExamples, collate
 from stepdistill.data.order import EpochOrder
 from stepdistill.methods.base import Batch
 from stepdistill.models.teacher import Teacher
+from stepdistill.run.flags import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def cache_description(teacher: Teacher, center_crop: bool) -> dict:
             "pipeline": type(teacher.pipeline).__name__}
 
 
-def open_cache(cfg, teacher: Teacher) -> cache.CachedExamples:
+def open_cache(cfg: RunConfig, teacher: Teacher) -> cache.CachedExamples:
     """The cache ``--cache_dir`` names, refused in one line when another teacher, resolution or crop made it."""
     examples = cache.CachedExamples(cfg.cache_dir)
     made, now = examples.manifest["description"], cache_description(teacher, cfg.center_crop)
@@ -49,7 +50,7 @@ def open_cache(cfg, teacher: Teacher) -> cache.CachedExamples:
     return examples
 
 
-def training_examples(cfg, teacher: Teacher) -> tuple[Dataset, bool]:
+def training_examples(cfg: RunConfig, teacher: Teacher) -> tuple[TrainingExamples | cache.CachedExamples, bool]:
     """The loader's dataset for the run's data and whether it has images; logs what was opened."""
     if cfg.cache_dir:
         examples = open_cache(cfg, teacher)
@@ -62,11 +63,10 @@ def training_examples(cfg, teacher: Teacher) -> tuple[Dataset, bool]:
     return examples, source.has_images
 
 
-def sampled_prompts(examples: Dataset, count: int = SAMPLED_PROMPTS) -> list[str]:
+def sampled_prompts(examples: TrainingExamples | cache.CachedExamples, count: int = SAMPLED_PROMPTS) -> list[str]:
     """Up to ``count`` training captions spread evenly over the data (all of them, in order, when fewer)."""
-    caption = examples.caption if hasattr(examples, "caption") else examples.source.caption
     step = max(1, len(examples) // count)
-    return [caption(index) for index in range(0, len(examples), step)][:count]
+    return [examples.caption(index) for index in range(0, len(examples), step)][:count]
 
 
 class BatchStream:
@@ -127,7 +127,7 @@ class BatchStream:
         self.batches = None
 
 
-def batch_stream(cfg, teacher: Teacher, accelerator: Accelerator) -> tuple[list[str], BatchStream, bool]:
+def batch_stream(cfg: RunConfig, teacher: Teacher, accelerator: Accelerator) -> tuple[list[str], BatchStream, bool]:
     """Sampled training prompts, the batch stream of this process and whether the data has images."""
     examples, has_images = training_examples(cfg, teacher)
     stream = BatchStream(examples, teacher, cfg.train_batch_size, cfg.seed, accelerator.device,
