@@ -27,6 +27,11 @@ LR_SCHEDULES = tuple(s.value for s in SchedulerType if s is not SchedulerType.PI
 TRACKERS = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
 
 
+# The data flags that shape streamed data only, at their defaults (set on the in-memory digits: refused).
+STREAMED_DATA_DEFAULTS = {"image_column": "image", "caption_column": "text", "center_crop": True, "random_flip": False,
+                          "on_bad_image": "stop", "dataloader_num_workers": 0}
+
+
 @dataclass
 class TeacherDataConfig:
     """The teacher and the data it reads: the flags a recipe and ``python -m stepdistill cache`` share."""
@@ -153,6 +158,10 @@ class RunConfig(TeacherDataConfig):
         if self.report_to not in ("auto", "none") and self.report_to not in get_available_trackers():
             raise ConfigError(f"--report_to {self.report_to}: the package is not installed (pip install {self.report_to})")
         self.validate_data()
+        streamed_only = [f"--{name}" for name, default in STREAMED_DATA_DEFAULTS.items() if getattr(self, name) != default]
+        if self.uses_digits and streamed_only:
+            raise ConfigError(f"{', '.join(streamed_only)}: for streamed data (--train_data_dir, --prompts_file, "
+                              "--cache_dir); the embedded digits are read in memory")
         if self.cache_dir and (self.prompts_file or self.train_data_dir):
             raise ConfigError("--cache_dir holds the data it was made from: drop --prompts_file / --train_data_dir")
         if self.cache_dir and not (Path(self.cache_dir) / MANIFEST).is_file():

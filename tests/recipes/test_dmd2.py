@@ -120,6 +120,7 @@ def test_the_regression_term_trains_in_the_recipe(dmd2, tiny_pipeline_dir, tmp_p
         (["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU"),
         (["--prompts_file", "a.txt", "--train_data_dir", "b"], "not both"),
         (["--train_data_dir", "tests"], "none of the data layouts: a folder with metadata.jsonl"),
+        (["--random_flip", "true", "--dataloader_num_workers", "2"], "--random_flip, --dataloader_num_workers: for streamed data"),
         (["--guidance_scale", "-1"], "--guidance_scale must be ≥ 0"),
         (["--critic_learning_rate=-1e-4"], "--critic_learning_rate must be > 0"),
         (["--train_batch_size", "0"], "--train_batch_size must be ≥ 1"),
