@@ -14,9 +14,10 @@ matches the data, and a blurry first step can be paid for by an over-sharp last 
 built with a step embedding (:class:`~stepdistill.models.networks.StepEmbedding`, not in the papers)
 is told k and learns each step's distribution apart, so that every step is matched to the data on its own.
 
-Diffusion-GAN (DMD2 §4.2): a classifier head on the fake score's features tells noised
-real latents from noised student samples (non-saturating loss) at noise levels up to
-``gan_max_timestep``; it is trained with the fake score and pushes the student towards "real".
+Diffusion-GAN (DMD2 §4.2): a classifier head (:mod:`stepdistill.models.discriminator`) on the fake
+score's features tells noised real latents from noised student samples (non-saturating loss,
+:mod:`~stepdistill.methods.adversarial_losses`) at noise levels up to ``gan_max_timestep``; it is
+trained with the fake score and pushes the student towards "real".
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess, VPProcess, few_step_sample
+from stepdistill.methods import adversarial_losses
 from stepdistill.methods.base import Batch, Losses
 from stepdistill.models.networks import Networks, step_embedding_size
 
@@ -38,16 +40,6 @@ def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     v for v and flow teachers): on rectified flow the ε error is (1 − σ) times the v error, so an
     ε-space loss would give the fake score almost no signal near σ = 1, where one-step students start."""
     return F.mse_loss(prediction.float(), target.float())
-
-
-def gan_critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating GAN loss for the discriminator: softplus(−D(real)) + softplus(D(fake))."""
-    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-
-
-def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating GAN loss for the generator: softplus(−D(fake))."""
-    return F.softplus(-fake_logits).mean()
 
 
 @dataclass
@@ -143,7 +135,8 @@ class FakeScoreDistillation:
     def gan_generator_term(self, x: torch.Tensor, step: torch.Tensor | None, batch: Batch) -> torch.Tensor:
         """The student's GAN loss: the discriminator should call noised student samples real."""
         x_gan, t, _ = self.noised(x, 0, self.gan_max_timestep)
-        return gan_generator_loss(self.nets.discriminator(self.nets.fake_score.features(x_gan, t, batch.condition, step)))
+        fake_logits = self.nets.discriminator(self.nets.fake_score.features(x_gan, t, batch.condition, step))
+        return adversarial_losses.generator_loss(fake_logits, "non_saturating")
 
     def critic_loss(self, batch: Batch) -> Losses:
         # the fake score denoises detached student samples (with its own guidance, if any)
@@ -161,9 +154,10 @@ class FakeScoreDistillation:
                 raise ValueError("the GAN term needs real images in the batch (real_latents)")
             fake_gan, gan_t, _ = self.noised(x, 0, self.gan_max_timestep)
             real_gan = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), gan_t)
-            losses["gan_critic"] = gan_critic_loss(
+            losses["gan_critic"] = adversarial_losses.critic_loss(
                 self.nets.discriminator(self.nets.fake_score.features(real_gan, gan_t, batch.condition, step)),
                 self.nets.discriminator(self.nets.fake_score.features(fake_gan, gan_t, batch.condition, step)),
+                "non_saturating",
             )
             total = total + self.gan_critic_weight * losses["gan_critic"]
         losses["loss"] = total

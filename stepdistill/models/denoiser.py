@@ -112,14 +112,16 @@ class Denoiser(nn.Module):
         return Prediction(x0=x0, eps=eps)
 
     def features(
-        self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, step: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Features ``(B, C, h, w)`` of the backbone's feature layer (a UNet's mid block, a transformer's
-        middle joint block) for a discriminator head; a guidance input of the network's own gets 1."""
+        self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, step: torch.Tensor | None = None,
+        layers: tuple[str, ...] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Feature maps ``(B, C, h, w)`` of ``layers`` by name (default: the backbone's one feature
+        layer, a UNet's mid block or a transformer's middle joint block) for discriminator heads; a
+        guidance input of the network's own gets 1."""
         select_adapter(self.network, self.adapter)
         guidance = torch.ones(x_t.shape[0], device=x_t.device) if self.takes_guidance_input else None
-        features = self.backbone.features(self.network, x_t, t, condition, guidance=guidance, class_labels=step)
-        return features[self.backbone.feature_layer]
+        return self.backbone.features(self.network, x_t, t, condition, guidance=guidance, class_labels=step,
+                                      layers=layers)
 
 
 def guided(

@@ -20,26 +20,10 @@ from torch import nn
 from stepdistill.diffusion import NoiseProcess
 from stepdistill.models.backbones import adapter_for
 from stepdistill.models.denoiser import Denoiser, select_adapter
+from stepdistill.models.discriminator import Discriminator
 from stepdistill.models.guidance_embedding import with_guidance_embedding
 
 STUDENT, FAKE_SCORE, STAGE_TEACHER = "student", "fake_score", "stage_teacher"
-
-
-class DiscriminatorHead(nn.Module):
-    """DMD2's GAN classifier on the fake score's features ``(B, C, h, w)`` (a UNet's mid block, a
-    transformer's middle block as a token grid) → one logit per image."""
-
-    def __init__(self, channels: int, hidden: int = 128) -> None:
-        super().__init__()
-        groups = 32 if channels % 32 == 0 else 8 if channels % 8 == 0 else 1
-        self.layers = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(),
-            nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features.float()).squeeze(1)
 
 
 class StepEmbedding(nn.Module):
@@ -83,7 +67,7 @@ class Networks:
     teacher: Denoiser
     student: Denoiser
     fake_score: Denoiser | None  # None for methods without a critic (consistency distillation)
-    discriminator: DiscriminatorHead | None
+    discriminator: Discriminator | None
 
     def generator_parameters(self) -> list[nn.Parameter]:
         return _trainable(self.student.network, STUDENT)
@@ -169,7 +153,7 @@ def build_networks(
             add_step_embedding(fake_network, fake_score_steps)
     discriminator = None
     if with_discriminator:
-        discriminator = DiscriminatorHead(backbone.feature_channels(teacher_network))
+        discriminator = Discriminator({backbone.feature_layer: backbone.feature_channels(teacher_network)})
     return Networks(
         teacher=Denoiser(teacher_network, process, adapter=None),
         student=Denoiser(student_network, student_process or process, adapter=STUDENT if use_lora else None),

@@ -20,7 +20,7 @@ def test_features_alone_equal_the_full_forwards_and_carry_gradients(tiny_pipelin
         hook = teacher.network.mid_block.register_forward_hook(lambda module, inputs, output: seen.append(output))
         denoiser(x, t, text)  # the full forward
         hook.remove()
-        features = denoiser.features(x, t, text)
+        (features,) = denoiser.features(x, t, text).values()
         expected = seen[0]
         torch.testing.assert_close(features, expected, atol=0, rtol=0)
         features.square().sum().backward()

@@ -1,0 +1,74 @@
+"""Discriminators on a frozen or trained network's features: one head per named layer, optionally
+conditioned on the prompt and the noise level.
+
+A head reads one layer's feature map ``(B, C, h, w)`` (a UNet block's output, a transformer block's
+image tokens as a grid; :meth:`~stepdistill.models.backbones.Backbone.features`) and gives a logit
+per image; the discriminator's logit is the mean of its heads'. A conditioned head is a projection
+discriminator (Miyato & Koyama, "cGANs with Projection Discriminator", 2018): with h the head's
+pooled hidden vector and c an embedding of the pooled prompt embedding plus a sinusoidal embedding
+of the noise level t, logit = w·h + b + c·h, so the prompt and the noise level change every logit
+(LADD §3.2 conditions its heads on both; DMD2's single head on the fake score's middle block takes
+neither).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class DiscriminatorHead(nn.Module):
+    """A feature map ``(B, C, h, w)`` → ``(logit (B,), pooled hidden (B, hidden))``: GroupNorm, SiLU,
+    3×3 convolution, SiLU, global average pool, linear."""
+
+    def __init__(self, channels: int, hidden: int = 128) -> None:
+        super().__init__()
+        groups = 32 if channels % 32 == 0 else 8 if channels % 8 == 0 else 1
+        self.layers = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.layers[:-1](features.float())
+        return self.layers[-1](hidden).squeeze(1), hidden
+
+
+def noise_level_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``(B, dim)`` of the timesteps ``t`` (the teacher's units), as the UNets' own."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class Discriminator(nn.Module):
+    """Heads on the feature layers ``channels`` names (layer → channels); with ``condition_dim`` each
+    head is conditioned on a pooled prompt embedding of that size and on the noise level.
+
+    ``discriminator(features, pooled=None, t=None)`` → logits ``(B,)``, the mean over heads."""
+
+    def __init__(self, channels: dict[str, int], condition_dim: int | None = None, hidden: int = 128) -> None:
+        super().__init__()
+        self.layers = tuple(channels)
+        self.heads = nn.ModuleList(DiscriminatorHead(c, hidden) for c in channels.values())
+        self.conditioned = condition_dim is not None
+        if self.conditioned:
+            self.hidden = hidden
+            self.prompt_projection = nn.Linear(condition_dim, hidden)
+            self.noise_projection = nn.Linear(hidden, hidden)
+
+    def forward(self, features: dict[str, torch.Tensor], pooled: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditioned and (pooled is None or t is None):
+            raise ValueError("a conditioned discriminator needs the pooled prompt embedding and the noise level")
+        embedding = (self.prompt_projection(pooled.float()) + self.noise_projection(noise_level_embedding(t, self.hidden))
+                     if self.conditioned else None)
+        logits = []
+        for name, head in zip(self.layers, self.heads):
+            logit, hidden = head(features[name])
+            logits.append(logit + (embedding * hidden).sum(1) if embedding is not None else logit)
+        return torch.stack(logits).mean(0)
