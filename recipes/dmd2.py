@@ -101,7 +101,7 @@ def main(cfg: DMD2Config) -> None:
     )
 
     # 4. train: TTUR critic updates, then a generator update, every step; validate now and then
-    trainer = run.fake_score_trainer(cfg, setup, nets, method, cfg.critic_learning_rate)
+    trainer = run.critic_trainer(cfg, setup, nets, method, cfg.critic_learning_rate)
     trainer.fit()
 
     # 5. export for plain diffusers (EMA weights if kept), then score the export

@@ -121,7 +121,7 @@ def test_an_installed_package_runs_its_own_recipes_and_presets(tmp_path):
     assert (site / "stepdistill" / "recipes" / "configs" / "dmd2_4step.yaml").is_file()
     refused = subprocess.run([sys.executable, "-m", "stepdistill", "bench", "--recipes", "dmd3"], cwd=tmp_path,
                              env=environment, capture_output=True, text=True)
-    assert f"no recipe 'dmd3' ({site / 'stepdistill' / 'recipes'} holds consistency, dmd2, progressive, sid" in refused.stderr
+    assert f"no recipe 'dmd3' ({site / 'stepdistill' / 'recipes'} holds add, consistency, dmd2, progressive, sid" in refused.stderr
     dry = subprocess.run([sys.executable, str(site / "stepdistill" / "recipes" / "sid.py"), "--config", "sid_4step",
                           "--dry_run", "--output_dir", str(tmp_path / "run")], cwd=tmp_path, env=environment,
                          capture_output=True, text=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GAN_LOSSES = ("non_saturating", "hinge")
 
@@ -42,9 +43,11 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> t
 
 
 def r1_penalty(discriminate: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
-    """E‖∇ₓD(x)‖² over the batch, exact (a double backward: the penalty's gradient reaches D's weights)."""
+    """E‖∇ₓD(x)‖² over the batch, exact (a double backward: the penalty's gradient reaches D's weights).
+    Attention runs in its plain ("math") kernel here: the fused ones have no double backward."""
     real = real.detach().requires_grad_(True)
-    (gradient,) = torch.autograd.grad(discriminate(real).sum(), real, create_graph=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        (gradient,) = torch.autograd.grad(discriminate(real).sum(), real, create_graph=True)
     return gradient.square().flatten(1).sum(1).mean()
 
 

@@ -10,7 +10,8 @@ denoiser contract above it (:class:`~stepdistill.models.denoiser.Denoiser`) is o
   computed once through the pipeline's own ``encode_prompt``;
 * **the latent layout**: methods always see ``(B, C, h, w)``; Flux's packing happens here;
 * **LoRA target modules** and **features of named layers** for discriminators (by default one
-  middle layer), captured by forward hooks while the forward pass runs to its end (no hook aborts it).
+  middle layer; LADD's heads read several), captured by forward hooks while the forward pass runs to
+  its end (no hook aborts it), and the pooled prompt embedding the heads may be conditioned on.
 
 Adapters hold no weights: student, fake score and teacher are different networks of one family.
 """
@@ -97,6 +98,15 @@ class Backbone:
     def feature_map(self, output, x_t: torch.Tensor) -> torch.Tensor:
         """A UNet block's output (its hidden states come first where a block returns more)."""
         return output[0] if isinstance(output, tuple) else output
+
+    def discriminator_layers(self, network: nn.Module) -> tuple[str, ...]:
+        """The layers LADD's heads read, from fine to coarse: a UNet's down blocks and its middle block."""
+        return tuple(f"down_blocks.{i}" for i in range(len(network.down_blocks))) + ("mid_block",)
+
+    def pooled(self, condition: Condition) -> torch.Tensor:
+        """One vector ``(B, D)`` per prompt, for discriminator heads conditioned on it: the pooled text
+        embedding where the backbone has one, else the token embeddings' mean."""
+        return condition["prompt_embeds"].mean(1)
 
     def feature_channels(self, network: nn.Module) -> int:
         raise NotImplementedError
@@ -185,6 +195,9 @@ class UNetBackbone(Backbone):
     def feature_channels(self, network):
         return network.config.block_out_channels[-1]
 
+    def pooled(self, condition):
+        return condition["text_embeds"] if self.added_conditioning else super().pooled(condition)
+
     def has_embedding_slots(self) -> bool:
         return True
 
@@ -244,6 +257,13 @@ class TransformerBackbone(Backbone):
 
     def feature_channels(self, network):
         return network.inner_dim
+
+    def discriminator_layers(self, network):
+        depth = len(network.transformer_blocks)
+        return tuple(f"transformer_blocks.{i}" for i in sorted({depth // 4, depth // 2, (3 * depth) // 4}))
+
+    def pooled(self, condition):
+        return condition["pooled_prompt_embeds"]
 
     def resolution_multiple(self, pipeline):
         return pipeline.vae_scale_factor * self.patch_size

@@ -61,6 +61,11 @@ class Discriminator(nn.Module):
             self.prompt_projection = nn.Linear(condition_dim, hidden)
             self.noise_projection = nn.Linear(hidden, hidden)
 
+    @classmethod
+    def for_features(cls, features: dict[str, torch.Tensor], condition_dim: int | None = None) -> Discriminator:
+        """Heads sized for ``features`` (one extractor output, by layer)."""
+        return cls({name: feature.shape[1] for name, feature in features.items()}, condition_dim)
+
     def forward(self, features: dict[str, torch.Tensor], pooled: torch.Tensor | None = None,
                 t: torch.Tensor | None = None) -> torch.Tensor:
         if self.conditioned and (pooled is None or t is None):

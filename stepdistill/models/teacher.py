@@ -84,9 +84,14 @@ class Teacher:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``(N, 3, H, W)`` in [-1, 1] from latents as :meth:`encode_images` makes them."""
+        return self.decode(latents).clamp(-1, 1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode_latents` with gradient and without clamping (ADD's discriminator reads decoded
+        student samples; gradients flow back through the frozen VAE)."""
         vae = self.pipeline.vae
         shift = vae.config.get("shift_factor") or 0.0
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.float().clamp(-1, 1)
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.float()
 
 
 def load_teacher(

@@ -219,14 +219,44 @@ DEFAULT_CONDITIONING_TIMESTEP = 625  # SiD's initial timestep on SD's 1,000-step
 
 
 @dataclass
-class FakeScoreConfig(RunConfig):
-    """Flags shared by the methods that train a fake score against the student (DMD2, SiD)."""
+class CriticConfig(RunConfig):
+    """Flags of the methods that train a critic against a few-step student from pure noise: a fake score
+    (DMD2, SiD) or a discriminator (ADD, LADD)."""
 
     critic_learning_rate: float = field(1e-4, "fake score / discriminator AdamW learning rate", greater_than=0)
-    critic_steps_per_generator_step: int = field(1, "fake-score updates per student update (TTUR)", at_least=1)
+    critic_steps_per_generator_step: int = field(1, "critic updates per student update (TTUR)", at_least=1)
     conditioning_timestep: int | None = field(None, "DDPM-family teachers: timestep of the student's first step from "
                                                     "pure noise (default 625, SiD's; the DMD2 paper's is 999); the "
                                                     "export samples there. Flow students start at σ = 1")
+
+    def validate(self) -> None:
+        super().validate()
+        last = self.last_timestep
+        if last is None and self.conditioning_timestep is not None:
+            raise ConfigError("--conditioning_timestep is for DDPM-family teachers: a flow-matching student "
+                              "starts from pure noise at σ = 1")
+        if last is not None and not 1 <= self.first_timestep <= last:
+            raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
+                              f"(got {self.conditioning_timestep})")
+
+    @property
+    def last_timestep(self) -> int | None:
+        """A DDPM-family teacher's last timestep (T − 1), read off its scheduler config; ``None`` on a flow."""
+        scheduler_config = self.teacher_scheduler_config()
+        if "FlowMatch" in scheduler_config.get("_class_name", ""):
+            return None
+        return scheduler_config["num_train_timesteps"] - 1
+
+    @property
+    def first_timestep(self) -> int:
+        """The student's first timestep on a DDPM-family teacher (--conditioning_timestep, default 625)."""
+        return DEFAULT_CONDITIONING_TIMESTEP if self.conditioning_timestep is None else self.conditioning_timestep
+
+
+@dataclass
+class FakeScoreConfig(CriticConfig):
+    """Flags shared by the methods that train a fake score against the student (DMD2, SiD)."""
+
     gan_generator_weight: float = field(0.0, "weight of the GAN term in the student loss (0: off; needs real images)",
                                        at_least=0)
     gan_critic_weight: float = field(0.0, "weight of the GAN term in the critic loss (0: off; needs real images)",
@@ -247,16 +277,7 @@ class FakeScoreConfig(RunConfig):
         if self.uses_gan and self.prompts_file:
             raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
                               "or --gan_generator_weight 0 --gan_critic_weight 0")
-        scheduler_config = self.teacher_scheduler_config()
-        last = scheduler_config["num_train_timesteps"] - 1
-        if "FlowMatch" in scheduler_config.get("_class_name", ""):
-            last += 1  # a flow teacher's timesteps are 1000σ, σ ∈ [0, 1]
-            if self.conditioning_timestep is not None:
-                raise ConfigError("--conditioning_timestep is for DDPM-family teachers: a flow-matching student "
-                                  "starts from pure noise at σ = 1")
-        elif not 1 <= self.first_timestep <= last:
-            raise ConfigError(f"--conditioning_timestep must be in [1, {last}], the teacher's timesteps "
-                              f"(got {self.conditioning_timestep})")
+        last = self.last_timestep if self.last_timestep is not None else 1000  # a flow teacher's timesteps: 1000σ
         if self.per_step_fake_score and (self.use_lora or self.num_student_steps == 1):
             raise ConfigError("--per_step_fake_score needs --num_student_steps > 1 and a full-weight fake score "
                               "(--use_lora false): LoRA shares the UNet with the teacher, which has no step input")
@@ -273,11 +294,6 @@ class FakeScoreConfig(RunConfig):
     def uses_gan(self) -> bool:
         """Whether the diffusion-GAN term is on (its real images are then guaranteed by :meth:`validate`)."""
         return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
-
-    @property
-    def first_timestep(self) -> int:
-        """The student's first timestep on a DDPM-family teacher (--conditioning_timestep, default 625)."""
-        return DEFAULT_CONDITIONING_TIMESTEP if self.conditioning_timestep is None else self.conditioning_timestep
 
     @property
     def fake_score_steps(self) -> int:

@@ -23,7 +23,7 @@ from stepdistill.methods.base import Batch
 from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.run import data
-from stepdistill.run.flags import FakeScoreConfig, RunConfig
+from stepdistill.run.flags import CriticConfig, RunConfig
 from stepdistill.trainer import make_accelerator, require_data_parallel, set_cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -123,8 +123,8 @@ def in_memory_batches(cfg: RunConfig, teacher: Teacher, device: torch.device) ->
     return train.prompts, next_batch
 
 
-def student_scheduler(cfg: FakeScoreConfig, teacher: Teacher) -> SchedulerMixin:
-    """The scheduler a fake-score method's student is exported with; its timesteps are read off it
+def student_scheduler(cfg: CriticConfig, teacher: Teacher) -> SchedulerMixin:
+    """The scheduler a critic method's student (DMD2, SiD, ADD) is exported with; its timesteps are read off it
     (training and sampling agree). On a DDPM-family teacher it starts at ``cfg.first_timestep``."""
     first = None if isinstance(teacher.process, FlowProcess) else cfg.first_timestep
     return export.student_scheduler(teacher.pipeline.scheduler, teacher.process, first_timestep=first)

@@ -48,14 +48,15 @@ def make_validator(
                             **options)
 
 
-def fake_score_trainer(cfg: RunConfig, setup: Setup, nets: Networks, method, critic_learning_rate: float) -> Trainer:
-    """The trainer of a student against a fake score (and discriminator), validating the student: DMD2, SiD."""
+def critic_trainer(cfg: RunConfig, setup: Setup, nets: Networks, method, critic_learning_rate: float) -> Trainer:
+    """The trainer of a student against a critic, validating the student: a fake score (and GAN head) in
+    DMD2 and SiD, a discriminator alone in ADD / LADD."""
     return Trainer(
         trainer_config(cfg, critic_learning_rate=critic_learning_rate),
         method,
         generator_modules=[nets.student.network],
         generator_parameters=nets.generator_parameters(),
-        critic_modules=[m for m in (nets.fake_score.network, nets.discriminator) if m is not None],
+        critic_modules=[m for m in (nets.fake_score and nets.fake_score.network, nets.discriminator) if m is not None],
         critic_parameters=nets.critic_parameters(),
         next_batch=setup.next_batch,
         accelerator=setup.accelerator,

@@ -27,6 +27,11 @@ def dmd2():
 
 
 @pytest.fixture(scope="module")
+def add():
+    yield from _recipe("add")
+
+
+@pytest.fixture(scope="module")
 def consistency():
     yield from _recipe("consistency")
 

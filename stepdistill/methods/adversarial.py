@@ -1,0 +1,177 @@
+"""Adversarial distillation: ADD (Sauer et al., "Adversarial Diffusion Distillation", 2023) and LADD
+(Sauer et al., "Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation", 2024).
+
+The student G starts as the teacher and denoises at its own few timesteps s₁ > … > s_N: a real latent
+x0 noised to one of them, x_s = α_s x0 + σ_s ε, becomes x̂0 = G(x_s, s) (ADD §3.1: the student sees
+real data noised at its timesteps, as its own sampler's later steps see its earlier outputs re-noised).
+A discriminator tells x̂0 from real latents; the student is trained to fool it:
+
+* **LADD**: the discriminator reads the *frozen teacher's* features of several blocks on the latents
+  re-noised at t̂, x_t̂ = α_t̂ x + σ_t̂ ε′, with t̂ = T · sigmoid(m + s z), z ~ N(0, 1) (logit-normal,
+  biased towards high noise for m > 0: LADD §3.2 finds the noise level sets the feedback's scale,
+  global shape at high t̂, detail at low), heads conditioned on the prompt and t̂. No pixels, no decoder.
+* **ADD**: the discriminator reads a frozen *pixel-space* feature network (DINOv2 in the paper) on the
+  decoded x̂0 and real images, and the student also matches the teacher: λ c(t) ‖x̂0 − sg(x̂0_teacher(x_t, t))‖²
+  with x_t = α_t x̂0 + σ_t ε at a random t and c(t) = ᾱ_t (ADD eq. 4–5, λ = 2.5).
+
+Both use the hinge loss and an R1 penalty on real inputs (ADD: γ = 1e-5), exact or approximate
+(:mod:`~stepdistill.methods.adversarial_losses`). The discriminator's feature extractor is frozen;
+gradients reach the student only through x̂0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stepdistill.conditioning import Condition
+from stepdistill.diffusion import NoiseProcess
+from stepdistill.methods import adversarial_losses
+from stepdistill.methods.base import Batch, Losses
+from stepdistill.models.networks import Networks
+
+VARIANTS = ("ladd", "add")
+R1_KINDS = ("approximate", "exact")
+
+FeatureFunction = Callable[[torch.Tensor, torch.Tensor, Condition], dict[str, torch.Tensor]]
+"""``features(x, t, condition)`` → feature maps by layer: the discriminator's frozen extractor."""
+
+
+@dataclass
+class AdversarialDistillation:
+    """ADD / LADD's losses. ``features`` is the frozen extractor the heads (``nets.discriminator``) read:
+    LADD's is the teacher on noised latents, ADD's a pixel network on decoded latents (it ignores t).
+    ``pooled`` maps a condition to the one vector per prompt the heads are conditioned on."""
+
+    nets: Networks
+    process: NoiseProcess
+    student_timesteps: tuple[float, ...]
+    features: FeatureFunction
+    pooled: Callable[[Condition], torch.Tensor]
+    variant: str = "ladd"
+    loss_kind: str = "hinge"
+    distillation_weight: float = 0.0
+    guidance_scale: float = 1.0
+    r1_weight: float = 1e-5
+    r1_kind: str = "approximate"
+    r1_sigma: float = 0.01
+    logit_mean: float = 1.0
+    logit_std: float = 1.0
+    critic_steps_per_generator_step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant is one of {VARIANTS} (got {self.variant!r})")
+        if self.r1_kind not in R1_KINDS:
+            raise ValueError(f"r1_kind is one of {R1_KINDS} (got {self.r1_kind!r})")
+        if not self.student_timesteps:
+            raise ValueError("student_timesteps must hold at least one timestep")
+        if self.nets.discriminator is None:
+            raise ValueError("adversarial distillation needs networks with a discriminator")
+
+    # -- the student ------------------------------------------------------------------------
+    def generate(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x̂0 = G(α_s x0 + σ_s ε, s) of real latents x0 at a student timestep s drawn per sample; and s."""
+        if batch.real_latents is None:
+            raise ValueError("adversarial distillation noises real latents: the batch has none")
+        steps = torch.tensor(self.student_timesteps, dtype=torch.float32, device=batch.device)
+        s = steps[torch.randint(len(steps), (batch.size,))].to(batch.device)
+        x_s = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), s)
+        return self.nets.student(x_s, s, batch.condition).x0, s
+
+    # -- the discriminator --------------------------------------------------------------------
+    def discriminator_timesteps(self, size: int, device: torch.device) -> torch.Tensor:
+        """t̂ = T · sigmoid(m + s z) (LADD's logit-normal draw) in the teacher's timestep units."""
+        fractions = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(size))
+        return torch.tensor([self.process.timestep_at(float(u)) for u in fractions], dtype=torch.float32, device=device)
+
+    def discriminator_input(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """LADD re-noises latents to t̂ before the teacher reads them; ADD's pixel network reads them clean."""
+        return self.process.add_noise(x0, eps, t) if self.variant == "ladd" else x0
+
+    def logits(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """D(x) at noise level t: the heads on the frozen extractor's features, conditioned on prompt and t."""
+        return self.nets.discriminator(self.features(x, t, condition), self.pooled(condition), t)
+
+    # -- the losses -----------------------------------------------------------------------------
+    def generator_loss(self, batch: Batch) -> Losses:
+        x0, s = self.generate(batch)
+        t = self.discriminator_timesteps(batch.size, batch.device)
+        fake = self.discriminator_input(x0, t, torch.randn_like(x0))
+        losses: Losses = {"adversarial": adversarial_losses.generator_loss(self.logits(fake, t, batch.condition),
+                                                                           self.loss_kind)}
+        total = losses["adversarial"]
+        if self.distillation_weight > 0:
+            losses["distillation"] = self.distillation_loss(x0, batch)
+            total = total + self.distillation_weight * losses["distillation"]
+        losses["loss"] = total
+        return losses
+
+    def distillation_loss(self, x0: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """ADD eq. 5: c(t) ‖x̂0 − sg(x̂0_teacher(α_t x̂0 + σ_t ε, t))‖², t uniform, c(t) = α_t² (ᾱ_t on VP)."""
+        t = self.process.sample_timesteps(batch.size, 0, self.process.max_timestep, device=batch.device)
+        with torch.no_grad():
+            x_t = self.process.add_noise(x0.detach(), torch.randn_like(x0), t)
+            target = self.nets.teacher(x_t, t, batch.condition, batch.unconditional, self.guidance_scale).x0
+        weight = self.process.alpha(t, x0).square()
+        return (weight * (x0.float() - target.float()).square()).mean()
+
+    def critic_loss(self, batch: Batch) -> Losses:
+        with torch.no_grad():
+            x0, _ = self.generate(batch)
+        t = self.discriminator_timesteps(batch.size, batch.device)
+        real = self.discriminator_input(batch.real_latents, t, torch.randn_like(x0))
+        fake = self.discriminator_input(x0, t, torch.randn_like(x0))
+        losses: Losses = {"adversarial": adversarial_losses.critic_loss(self.logits(real, t, batch.condition),
+                                                                        self.logits(fake, t, batch.condition),
+                                                                        self.loss_kind)}
+        total = losses["adversarial"]
+        if self.r1_weight > 0:
+            discriminate = lambda x: self.logits(x, t, batch.condition)  # noqa: E731
+            losses["r1"] = (adversarial_losses.r1_penalty(discriminate, real) if self.r1_kind == "exact" else
+                            adversarial_losses.approximate_r1_penalty(discriminate, real, self.r1_sigma)
+                            / self.r1_sigma**2)  # on R1's scale
+            total = total + self.r1_weight * losses["r1"]
+        losses["loss"] = total
+        return losses
+
+
+def teacher_features(nets: Networks, layers: tuple[str, ...]) -> FeatureFunction:
+    """LADD's extractor: the frozen teacher's feature maps of ``layers`` at (x_t̂, t̂, prompt)."""
+    return lambda x, t, condition: nets.teacher.features(x, t, condition, layers=layers)
+
+
+def pixel_features(decode: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module,
+                   layers: tuple[str, ...], size: int | None = None) -> FeatureFunction:
+    """ADD's extractor: a frozen pixel-space network's feature maps of ``layers`` on decoded latents
+    (images in [-1, 1], resized to ``size`` when given; t and the prompt are not its inputs)."""
+
+    def features(x: torch.Tensor, t: torch.Tensor, condition: Condition) -> dict[str, torch.Tensor]:
+        images = decode(x)
+        if size is not None and images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [network.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, name=name: captured.setdefault(name, output)) for name in layers]
+        try:
+            network(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {name: as_feature_map(output) for name, output in captured.items()}
+
+    return features
+
+
+def as_feature_map(output) -> torch.Tensor:
+    """A layer's output as ``(B, C, h, w)``: a tensor (or the first of a tuple / model output); tokens
+    ``(B, L, D)`` with L a square (plus one class token) become a D-channel grid."""
+    output = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+    if output.ndim == 3:
+        tokens = output[:, 1:] if int((output.shape[1] - 1) ** 0.5) ** 2 == output.shape[1] - 1 else output
+        side = int(tokens.shape[1] ** 0.5)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    return output
