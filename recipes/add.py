@@ -45,8 +45,8 @@ class AddConfig(run.CriticConfig):
                                 "is not --variant: that is the teacher's weight variant, as in diffusers)",
                         choices=adversarial.VARIANTS)
     max_train_steps: int = field(300, "student (generator) updates", at_least=1)
-    learning_rate: float = field(1e-5, "student AdamW learning rate", greater_than=0)
-    critic_learning_rate: float = field(1e-4, "discriminator heads' AdamW learning rate", greater_than=0)
+    learning_rate: float = field(5e-5, "student AdamW learning rate", greater_than=0)
+    critic_learning_rate: float = field(5e-4, "discriminator heads' AdamW learning rate", greater_than=0)
     adam_beta1: float = field(0.0, "AdamW β1 of every optimiser (0, as GANs use)", at_least=0, below=1)
     distillation_weight: float | None = field(None, "λ of the distillation term (default: 2.5 for add, ADD's; 0 "
                                                     "for ladd, LADD's)", at_least=0)
@@ -54,7 +54,8 @@ class AddConfig(run.CriticConfig):
     r1_kind: str = field("approximate", "exact (double backward) or approximate (E(D(x+σε)−D(x))²/σ²: no double "
                                         "backward)", choices=adversarial.R1_KINDS)
     r1_sigma: float = field(0.01, "σ of the approximate R1's perturbation", greater_than=0)
-    discriminator_logit_mean: float = field(1.0, "ladd: m of t̂ = T·sigmoid(m + s z) (m > 0: biased to high noise)")
+    discriminator_logit_mean: float = field(0.0, "ladd: m of t̂ = T·sigmoid(m + s z) (m > 0: biased to high noise, "
+                                                 "LADD's choice at 1024 px; 0 measured better on the digits)")
     discriminator_logit_std: float = field(1.0, "ladd: s of t̂'s logit-normal draw", greater_than=0)
     feature_network: str = field("vae", "add: the pixel feature network: vae (the teacher's VAE encoder, offline) "
                                         "or a local transformers vision model folder (e.g. DINOv2)")

@@ -1,9 +1,10 @@
 """Adversarial distillation: ADD (Sauer et al., "Adversarial Diffusion Distillation", 2023) and LADD
 (Sauer et al., "Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation", 2024).
 
-The student G starts as the teacher and denoises at its own few timesteps s₁ > … > s_N: a real latent
-x0 noised to one of them, x_s = α_s x0 + σ_s ε, becomes x̂0 = G(x_s, s) (ADD §3.1: the student sees
-real data noised at its timesteps, as its own sampler's later steps see its earlier outputs re-noised).
+The student G starts as the teacher and denoises at its own few timesteps s₁ > … > s_N: pure noise at
+s₁ (where its sampler starts), and at a later s a real latent x0 noised to it, x_s = α_s x0 + σ_s ε,
+becomes x̂0 = G(x_s, s) (ADD §3.1: the student sees real data noised at its timesteps, as its own
+sampler's later steps see its earlier outputs re-noised).
 A discriminator tells x̂0 from real latents; the student is trained to fool it:
 
 * **LADD**: the discriminator reads the *frozen teacher's* features of several blocks on the latents
@@ -74,12 +75,17 @@ class AdversarialDistillation:
 
     # -- the student ------------------------------------------------------------------------
     def generate(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """x̂0 = G(α_s x0 + σ_s ε, s) of real latents x0 at a student timestep s drawn per sample; and s."""
+        """x̂0 = G(x_s, s) at a student timestep s drawn per sample, and s: at the first, x_s is pure noise,
+        as the sampler starts (on a DDPM-family teacher the first timestep may be below T: the student
+        reads noise as that timestep's sample, as DMD2's does); at the later ones, x_s = α_s x0 + σ_s ε of
+        real latents x0 (ADD §3.1)."""
         if batch.real_latents is None:
             raise ValueError("adversarial distillation noises real latents: the batch has none")
         steps = torch.tensor(self.student_timesteps, dtype=torch.float32, device=batch.device)
         s = steps[torch.randint(len(steps), (batch.size,))].to(batch.device)
-        x_s = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), s)
+        noise = torch.randn_like(batch.real_latents)
+        first = (s == steps[0]).reshape(-1, *([1] * (noise.ndim - 1)))
+        x_s = torch.where(first, noise, self.process.add_noise(batch.real_latents, noise, s))
         return self.nets.student(x_s, s, batch.condition).x0, s
 
     # -- the discriminator --------------------------------------------------------------------
