@@ -277,7 +277,8 @@ class FakeScoreConfig(CriticConfig):
         if self.uses_gan and self.prompts_file:
             raise ConfigError("the GAN term needs real images: give --train_data_dir instead of --prompts_file, "
                               "or --gan_generator_weight 0 --gan_critic_weight 0")
-        last = self.last_timestep if self.last_timestep is not None else 1000  # a flow teacher's timesteps: 1000σ
+        last = self.last_timestep
+        last = 1000 if last is None else last  # a flow teacher's timesteps are 1000σ, σ ∈ [0, 1]
         if self.per_step_fake_score and (self.use_lora or self.num_student_steps == 1):
             raise ConfigError("--per_step_fake_score needs --num_student_steps > 1 and a full-weight fake score "
                               "(--use_lora false): LoRA shares the UNet with the teacher, which has no step input")
