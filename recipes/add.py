@@ -30,6 +30,7 @@ from stepdistill import export, methods, run
 from stepdistill.config import ConfigError, field
 from stepdistill.methods import adversarial
 from stepdistill.models import networks
+from stepdistill.models import discriminator as discriminators
 from stepdistill.models.discriminator import Discriminator
 
 ADD_DISTILLATION_WEIGHT = 2.5  # λ of ADD eq. 5
@@ -82,20 +83,20 @@ class AddConfig(run.CriticConfig):
             raise ConfigError("--feature_network is ADD's pixel network; LADD's features are the teacher's")
 
 
-def feature_extractor(cfg: AddConfig, teacher, nets: networks.Networks) -> adversarial.FeatureFunction:
+def feature_extractor(cfg: AddConfig, teacher, nets: networks.Networks) -> discriminators.FeatureFunction:
     """LADD: the frozen teacher's blocks; ADD: the teacher's VAE encoder, or a local vision model, on decoded latents."""
     if cfg.method == "ladd":
         return adversarial.teacher_features(nets, teacher.backbone.discriminator_layers(teacher.network))
     if cfg.feature_network == "vae":
         encoder = teacher.pipeline.vae.encoder
         layers = tuple(f"down_blocks.{i}" for i in range(len(encoder.down_blocks)))
-        return adversarial.pixel_features(teacher.decode, encoder, layers)
+        return discriminators.pixel_features(teacher.decode, encoder, layers)
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(cfg.feature_network).requires_grad_(False).eval().to(teacher.network.device)
     depth = model.config.num_hidden_layers
     layers = tuple(f"encoder.layer.{i}" for i in sorted({depth // 4, depth // 2, depth - 1}))
-    return adversarial.pixel_features(teacher.decode, model, layers, size=model.config.image_size)
+    return discriminators.pixel_features(teacher.decode, model, layers, size=model.config.image_size)
 
 
 def main(cfg: AddConfig) -> None:

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess
@@ -37,8 +36,7 @@ from stepdistill.models.networks import Networks
 VARIANTS = ("ladd", "add")
 R1_KINDS = ("approximate", "exact")
 
-FeatureFunction = Callable[[torch.Tensor, torch.Tensor, Condition], dict[str, torch.Tensor]]
-"""``features(x, t, condition)`` → feature maps by layer: the discriminator's frozen extractor."""
+from stepdistill.models.discriminator import FeatureFunction
 
 
 @dataclass
@@ -146,38 +144,6 @@ class AdversarialDistillation:
 
 
 def teacher_features(nets: Networks, layers: tuple[str, ...]) -> FeatureFunction:
-    """LADD's extractor: the frozen teacher's feature maps of ``layers`` at (x_t̂, t̂, prompt)."""
+    """LADD's extractor: the frozen teacher's feature maps of ``layers`` at (x_t̂, t̂, prompt). ADD's is
+    :func:`stepdistill.models.discriminator.pixel_features`."""
     return lambda x, t, condition: nets.teacher.features(x, t, condition, layers=layers)
-
-
-def pixel_features(decode: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module,
-                   layers: tuple[str, ...], size: int | None = None) -> FeatureFunction:
-    """ADD's extractor: a frozen pixel-space network's feature maps of ``layers`` on decoded latents
-    (images in [-1, 1], resized to ``size`` when given; t and the prompt are not its inputs)."""
-
-    def features(x: torch.Tensor, t: torch.Tensor, condition: Condition) -> dict[str, torch.Tensor]:
-        images = decode(x)
-        if size is not None and images.shape[-1] != size:
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        captured: dict[str, torch.Tensor] = {}
-        hooks = [network.get_submodule(name).register_forward_hook(
-            lambda module, inputs, output, name=name: captured.setdefault(name, output)) for name in layers]
-        try:
-            network(images)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return {name: as_feature_map(output) for name, output in captured.items()}
-
-    return features
-
-
-def as_feature_map(output) -> torch.Tensor:
-    """A layer's output as ``(B, C, h, w)``: a tensor (or the first of a tuple / model output); tokens
-    ``(B, L, D)`` with L a square (plus one class token) become a D-channel grid."""
-    output = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
-    if output.ndim == 3:
-        tokens = output[:, 1:] if int((output.shape[1] - 1) ** 0.5) ** 2 == output.shape[1] - 1 else output
-        side = int(tokens.shape[1] ** 0.5)
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
-    return output

@@ -19,6 +19,7 @@ Adapters hold no weights: student, fake score and teacher are different networks
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -43,6 +44,20 @@ TRANSFORMER_LORA_TARGETS = (  # joint attention of both streams, their feed-forw
 
 
 FLUX_MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FluxPipeline's default: training conditions must be the ones it samples with
+
+
+def layer_outputs(network: nn.Module, layers: tuple[str, ...], forward: Callable[[], object]) -> dict[str, object]:
+    """The outputs of the submodules ``layers`` of ``network`` while ``forward()`` runs, by name (forward
+    hooks, removed afterwards; the pass runs to its end)."""
+    captured: dict[str, object] = {}
+    hooks = [network.get_submodule(name).register_forward_hook(
+        lambda module, inputs, output, name=name: captured.setdefault(name, output)) for name in layers]
+    try:
+        forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
 
 
 class BackboneError(PipelineError):
@@ -84,15 +99,8 @@ class Backbone:
     ) -> dict[str, torch.Tensor]:
         """The outputs of ``layers`` (default: :attr:`feature_layer`), each as a map ``(B, C, h, w)``,
         by module name; one forward pass that runs to its end."""
-        captured: dict[str, object] = {}
-        hooks = [network.get_submodule(name).register_forward_hook(
-            lambda module, inputs, output, name=name: captured.setdefault(name, output))
-            for name in layers or (self.feature_layer,)]
-        try:
-            self(network, x_t, t, condition, guidance=guidance, class_labels=class_labels)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        captured = layer_outputs(network, layers or (self.feature_layer,),
+                                 lambda: self(network, x_t, t, condition, guidance=guidance, class_labels=class_labels))
         return {name: self.feature_map(output, x_t) for name, output in captured.items()}
 
     def feature_map(self, output, x_t: torch.Tensor) -> torch.Tensor:

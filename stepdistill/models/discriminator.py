@@ -1,5 +1,6 @@
 """Discriminators on a frozen or trained network's features: one head per named layer, optionally
-conditioned on the prompt and the noise level.
+conditioned on the prompt and the noise level; and ADD's extractor of a pixel network's features
+(:func:`pixel_features`; LADD's is the teacher's :meth:`~stepdistill.models.denoiser.Denoiser.features`).
 
 A head reads one layer's feature map ``(B, C, h, w)`` (a UNet block's output, a transformer block's
 image tokens as a grid; :meth:`~stepdistill.models.backbones.Backbone.features`) and gives a logit
@@ -14,9 +15,17 @@ neither).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from stepdistill.conditioning import Condition
+from stepdistill.models.backbones import layer_outputs
+
+FeatureFunction = Callable[[torch.Tensor, torch.Tensor, Condition], dict[str, torch.Tensor]]
+"""``features(x, t, condition)`` → feature maps by layer: a discriminator's frozen extractor."""
 
 
 class DiscriminatorHead(nn.Module):
@@ -77,3 +86,29 @@ class Discriminator(nn.Module):
             logit, hidden = head(features[name])
             logits.append(logit + (embedding * hidden).sum(1) if embedding is not None else logit)
         return torch.stack(logits).mean(0)
+
+
+def pixel_features(decode: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module,
+                   layers: tuple[str, ...], size: int | None = None) -> FeatureFunction:
+    """ADD's extractor: a frozen pixel-space network's feature maps of ``layers`` on decoded latents
+    (images in [-1, 1], resized to ``size`` when given; t and the prompt are not its inputs)."""
+
+    def features(x: torch.Tensor, t: torch.Tensor, condition: Condition) -> dict[str, torch.Tensor]:
+        images = decode(x)
+        if size is not None and images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        captured = layer_outputs(network, layers, lambda: network(images))
+        return {name: as_feature_map(output) for name, output in captured.items()}
+
+    return features
+
+
+def as_feature_map(output) -> torch.Tensor:
+    """A layer's output as ``(B, C, h, w)``: a tensor (or the first of a tuple / model output); tokens
+    ``(B, L, D)`` with L a square (plus one class token) become a D-channel grid."""
+    output = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+    if output.ndim == 3:
+        tokens = output[:, 1:] if int((output.shape[1] - 1) ** 0.5) ** 2 == output.shape[1] - 1 else output
+        side = int(tokens.shape[1] ** 0.5)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    return output

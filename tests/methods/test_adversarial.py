@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from stepdistill.diffusion import Prediction, VPProcess
-from stepdistill.methods.adversarial import AdversarialDistillation, pixel_features, teacher_features
+from stepdistill.methods.adversarial import AdversarialDistillation, teacher_features
 from stepdistill.methods.base import Batch
 from stepdistill.models import networks
-from stepdistill.models.discriminator import Discriminator
+from stepdistill.models.discriminator import Discriminator, pixel_features
 from stepdistill.models.teacher import load_teacher
 
 

@@ -19,13 +19,13 @@ def test_add_reads_a_local_dinov2_at_its_own_image_size(add, tiny_pipeline_dir, 
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                              image_size=28, patch_size=14)).save_pretrained(folder)
     seen = []
-    original = add.adversarial.pixel_features
+    original = add.discriminators.pixel_features
 
     def recorded(decode, network, layers, size=None):
         seen.append((type(network).__name__, layers, size))
         return original(decode, network, layers, size)
 
-    monkeypatch.setattr(add.adversarial, "pixel_features", recorded)
+    monkeypatch.setattr(add.discriminators, "pixel_features", recorded)
     add.main(add.AddConfig(pretrained_model_name_or_path=str(tiny_pipeline_dir), output_dir=str(tmp_path / "run"),
                            method="add", feature_network=str(folder), **COMMON))
     assert seen == [("Dinov2Model", ("encoder.layer.1", "encoder.layer.2", "encoder.layer.3"), 28)]
