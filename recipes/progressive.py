@@ -17,8 +17,9 @@ Papers: "Progressive Distillation for Fast Sampling of Diffusion Models" (Salima
     1. …K. halving stages, --start_steps → --start_steps / 2 → … → --num_student_steps: the student learns
        to take in one DDIM step the two DDIM steps of its teacher (the frozen student of the stage before).
 
-The student predicts v on a DDPM-family teacher (x̂0 = α z − σ v̂ stays finite at the noisiest step, where
-ε-prediction breaks) and the flow's velocity on a flow teacher. Every stage's student is exported for
+The halving stages' student predicts v on a DDPM-family teacher (x̂0 = α z − σ v̂ stays finite at the
+noisiest step, where ε-prediction breaks) and the flow's velocity on a flow teacher; the guidance
+stage's keeps the teacher's parameterisation (it only learns guidance). Every stage's student is exported for
 plain diffusers where its grid is the one diffusers' DDIM samples (``output_dir/stages/``; 16 and 32 steps
 do not divide 1,000 and are only validated), the final one to ``output_dir/student``, all scored.
 Without a guidance-scale input (LoRA students, SD3, Flux) one fixed w is distilled.
@@ -102,16 +103,15 @@ def main(cfg: ProgressiveConfig) -> None:
     teacher, prompts = setup.teacher, setup.prompts
 
     # 2. the student starts as the teacher (full copy, optionally with a zero-initialised w input, or a LoRA
-    #    adapter) and reads its output as v (the flow's velocity on a flow teacher); its frozen copy will
-    #    teach each next stage
+    #    adapter); its frozen copy will teach each next stage
     embeds = cfg.takes_guidance_scale(teacher)
     nets = networks.build_networks(teacher.network, teacher.process, cfg.use_lora, cfg.lora_rank, with_fake_score=False,
-                                   guidance_embedding_dim=guidance_embedding.LCM_EMBEDDING_DIM if embeds else None,
-                                   student_process=teacher.process.for_few_steps())
+                                   guidance_embedding_dim=guidance_embedding.LCM_EMBEDDING_DIM if embeds else None)
     run.enable_gradient_checkpointing(cfg, nets)
 
-    # 3. the method, on the grid the exported DDIM scheduler samples the final student on
-    scheduler = export.ddim_scheduler(teacher.pipeline.scheduler, nets.student.process)
+    # 3. the method, on the grid the exported DDIM scheduler samples the final student on; the student
+    #    predicts in the teacher's parameterisation in the guidance stage, then in v (the flow's velocity)
+    scheduler = export.ddim_scheduler(teacher.pipeline.scheduler, teacher.process.for_few_steps())
     low, high = cfg.guidance_range
     method = methods.ProgressiveDistillation(
         teacher=nets.teacher,
@@ -142,7 +142,8 @@ def main(cfg: ProgressiveConfig) -> None:
             print(f"stage {stage}'s {steps}-step student is not exported: diffusers' DDIM does not step on its grid "
                   "(its validation scores it)")
         else:
-            run.export_student(cfg, teacher, trainer, nets.student.network, networks.STUDENT, scheduler,
+            stage_scheduler = export.ddim_scheduler(teacher.pipeline.scheduler, method.process_of(stage))
+            run.export_student(cfg, teacher, trainer, nets.student.network, networks.STUDENT, stage_scheduler,
                                sampled_guidance, folder=folder, num_steps=steps)
 
     stages = replace(run.trainer_config(cfg), max_train_steps=cfg.num_stages * cfg.max_train_steps,

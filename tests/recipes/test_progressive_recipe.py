@@ -34,12 +34,14 @@ def test_guidance_stage_then_halvings_export_every_stage_and_score_them(progress
     log = read_log(tmp_path)
     assert [row["stage"] for row in log] == [0, 0, 1, 1, 2, 2]  # guidance distillation, 4 → 2, 2 → 1
     assert all("validation/fd_digits" in row for row in log[1::2])  # each stage's last step validates
-    for folder, steps in (("stages/guidance", 4), ("stages/2-step", 2), ("student", 1)):
+    # the guidance stage's student predicts as the teacher does (ε), the halving stages' v
+    for folder, steps, prediction in (("stages/guidance", 4, "epsilon"), ("stages/2-step", 2, "v_prediction"),
+                                      ("student", 1, "v_prediction")):
         metadata = json.loads((tmp_path / folder / "stepdistill_student.json").read_text())
         assert metadata["num_inference_steps"] == steps and metadata["scheduler"] == "DDIMScheduler"
         pipe = load_pipeline(tmp_path / folder)
         assert pipe.unet.config.time_cond_proj_dim is not None  # w is an input: one network call per step
-        assert pipe.scheduler.config.prediction_type == "v_prediction"
+        assert pipe.scheduler.config.prediction_type == prediction
     report = json.loads((tmp_path / "report.json").read_text())
     assert {(r["model"], r["num_inference_steps"], r["nfe"]) for r in report["results"]} == {
         ("student", 1, 1), ("stage0_student", 4, 4), ("stage1_student", 2, 2), ("teacher", 2, 2)}
@@ -53,13 +55,15 @@ def test_lora_distils_one_guidance_scale(progressive, tiny_pipeline_dir, tmp_pat
     assert (tmp_path / "stages" / "2-step" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("stop_after", [2, 3], ids=["at-the-boundary", "inside-a-stage"])
+@pytest.mark.parametrize("stop_after, guidance", [(2, False), (3, False), (2, True)],
+                         ids=["at-the-boundary", "inside-a-stage", "after-the-guidance-stage"])
 def test_a_run_resumed_across_a_stage_boundary_equals_the_uninterrupted_one(progressive, tiny_pipeline_dir, tmp_path,
-                                                                            stop_after):
-    quiet = dict(eval_num_samples=0, validation_steps=0, guidance_distillation=False)
+                                                                            stop_after, guidance):
+    quiet = dict(eval_num_samples=0, validation_steps=0, guidance_distillation=guidance)
     progressive.main(smoke_config(progressive, tiny_pipeline_dir, tmp_path / "full", **quiet))
     split = tmp_path / "split"
-    progressive.main(smoke_config(progressive, tiny_pipeline_dir, split, checkpointing_steps=stop_after, **quiet))
+    progressive.main(smoke_config(progressive, tiny_pipeline_dir, split, checkpointing_steps=stop_after,
+                                  checkpoints_total_limit=3, **quiet))
     shutil.rmtree(split / "student")  # what is compared below is what the resumed run writes
     shutil.rmtree(split / "stages")
     resumed = smoke_config(progressive, tiny_pipeline_dir, split, resume_from_checkpoint=f"checkpoint-{stop_after}",
