@@ -17,6 +17,10 @@ and gives every optimiser a fresh state and learning-rate schedule. The stage in
 each checkpoint; a checkpoint written at a stage's last step resumes into the same hand-over as an
 uninterrupted run.
 
+On several processes every network is laid out by torch's FSDP2 engine (:mod:`stepdistill.sharding`):
+replicated (data parallel: gradients averaged in backward) or sharded (weights, gradients and AdamW
+state split over the processes); checkpoints are then distributed checkpoints.
+
 Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
 steps its optimiser's learning-rate schedule (diffusers' ``get_scheduler``: constant, linear, cosine, ...),
 and is skipped (and counted) if its loss is not finite; ``max_consecutive_skips`` skips in a row
@@ -35,7 +39,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from stepdistill import checkpoints
+from stepdistill import checkpoints, sharding
 from stepdistill.checkpoints import EMA_WEIGHTS, METHOD_STATE, TRAINER_STATE
 from stepdistill.config import ConfigError
 from stepdistill.ema import EMA
@@ -117,6 +121,8 @@ class TrainerConfig:
     checkpointing_steps: int = 0
     validation_steps: int = 0
     stage_steps: int = 0  # steps per stage (0: the run is one stage)
+    layout: str = "auto"  # on several processes: replicate (data parallel), shard (FSDP), auto: shard when
+    # accelerate is configured for FSDP, else replicate (see stepdistill.sharding)
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str | None = None
     seed: int = 0
@@ -180,35 +186,22 @@ def make_accelerator(
     return accelerator
 
 
-def require_data_parallel(accelerator: Accelerator) -> None:
-    """Refuse distributed modes the trainer does not drive correctly yet.
-
-    Methods call the networks themselves (several losses, shared LoRA UNets), never through DDP's
-    wrapper, so the trainer averages gradients across processes itself (:func:`average_gradients`).
-    That is plain data parallelism; sharded modes (FSDP, DeepSpeed ZeRO) need the wrapped forward.
-    """
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
-                                        DistributedType.MEGATRON_LM, DistributedType.XLA):
+def require_supported_engine(accelerator: Accelerator) -> None:
+    """Refuse distributed engines the trainer does not drive: it runs FSDP2 itself (accelerate's FSDP
+    configuration only selects the sharded layout), not DeepSpeed, Megatron-LM or XLA."""
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA):
         raise ConfigError(
-            f"accelerate is configured for {accelerator.distributed_type.value}, which stepdistill does not support "
-            "yet; use multi-process data parallelism (accelerate config: multi-GPU / multi-CPU, no FSDP or DeepSpeed)"
+            f"accelerate is configured for {accelerator.distributed_type.value}, which stepdistill does not drive; "
+            "use multi-process data parallelism or FSDP (accelerate config), or --parallelism fsdp"
         )
 
 
-def average_gradients(parameters: list[nn.Parameter], accelerator: Accelerator) -> None:
-    """All-reduce the mean of ``parameters``' gradients over processes (one flat buffer, one call)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = []
-    for param in parameters:
-        if param.grad is None:  # every process must send the same layout
-            param.grad = torch.zeros_like(param)
-        grads.append(param.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= accelerator.num_processes
-    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(averaged.view_as(grad))
+def broadcast_from_main(module: nn.Module) -> None:
+    """Give every process the main process's weights and buffers (before laying a network out, so that
+    replicas and shards start from one network whatever each process's initialisation drew)."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
 
 
 @contextmanager
@@ -253,6 +246,7 @@ class Trainer:
         accelerator: Accelerator | None = None,
         validate: Callable[[int], dict[str, float]] | None = None,
         end_stage: Callable[[int], None] | None = None,
+        frozen_modules: Iterable[nn.Module] = (),
     ) -> None:
         self.cfg = cfg
         self.method = method
@@ -265,7 +259,14 @@ class Trainer:
             raise ValueError("an EMA of the student is not kept across stages: each stage hands the student as it is "
                              "to the next (ema_decay must be 0 with stage_steps)")
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, "none", cfg.output_dir)
-        require_data_parallel(self.accelerator)
+        require_supported_engine(self.accelerator)
+        modules = list({id(m): m for m in generator_modules + critic_modules}.values())
+        self.modules = modules
+        self.sharding = None
+        if self.accelerator.num_processes > 1:
+            frozen_modules = [*frozen_modules, *getattr(method, "frozen_networks", ())]
+            generator_parameters, critic_parameters = self._lay_out(
+                modules, frozen_modules, (generator_parameters, critic_parameters))
         set_seed(cfg.seed, device_specific=True)  # each process draws its own batches and noise
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.generator_optimizer = torch.optim.AdamW(
@@ -275,18 +276,41 @@ class Trainer:
             torch.optim.AdamW(critic_parameters, lr=cfg.critic_learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay)
             if critic_parameters else None
         )
-        modules = list({id(m): m for m in generator_modules + critic_modules}.values())
-        self.modules = modules
-        prepared = self.accelerator.prepare(*modules, *[o for o in (self.generator_optimizer, self.critic_optimizer) if o])
-        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        self.generator_optimizer = prepared[len(modules)]
-        if self.critic_optimizer is not None:
-            self.critic_optimizer = prepared[len(modules) + 1]
+        if self.sharding is None:  # one process: accelerate's own bookkeeping of modules and optimisers
+            optimizers = [o for o in (self.generator_optimizer, self.critic_optimizer) if o]
+            prepared = self.accelerator.prepare(*modules, *optimizers)
+            prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+            self.generator_optimizer = prepared[len(modules)]
+            if self.critic_optimizer is not None:
+                self.critic_optimizer = prepared[len(modules) + 1]
         self.generator_parameters, self.critic_parameters = generator_parameters, critic_parameters
         self.lr_schedulers = self._schedules()
         self.ema = EMA(generator_parameters, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.progress = Progress()
         self.log_path = Path(cfg.output_dir) / "train_log.jsonl"
+
+    def _lay_out(
+        self, trained: list[nn.Module], frozen_modules: Iterable[nn.Module],
+        parameter_lists: tuple[list[nn.Parameter], ...],
+    ) -> list[list[nn.Parameter]]:
+        """Lay every network over the processes (``cfg.layout``, :mod:`stepdistill.sharding`), frozen
+        ones too (a teacher, a method's own copies), each from the main process's weights; wrapping
+        replaces parameters, so ``parameter_lists`` are returned re-read by name."""
+        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        layout = self.cfg.layout
+        if layout == "auto":
+            layout = "shard" if self.accelerator.distributed_type == DistributedType.FSDP else "replicate"
+        self.sharding = sharding.Sharding.over_processes(layout, self.accelerator.device, param_dtype)
+        networks = list({id(m): m for m in [*trained, *frozen_modules]}.values())
+        where = {id(p): (i, name) for i, network in enumerate(networks) for name, p in network.named_parameters()}
+        missing = [p for params in parameter_lists for p in params if id(p) not in where]
+        if missing:
+            raise ValueError(f"{len(missing)} trained parameters belong to none of the trainer's modules")
+        places = [[where[id(p)] for p in params] for params in parameter_lists]
+        for network in networks:
+            broadcast_from_main(network)
+            self.sharding.wrap(network)
+        return [[networks[i].get_parameter(name) for i, name in place] for place in places]
 
     def _schedules(self) -> dict:
         """A learning-rate schedule per optimiser over one stage's updates (the whole run's without stages)."""
@@ -303,8 +327,8 @@ class Trainer:
     def _begin_stage(self, stage: int) -> None:
         """Stage ``stage − 1`` is over: let the recipe keep its student, hand it over (``method.begin_stage``)
         and restart every optimiser's moments and learning-rate schedule."""
-        if self.end_stage is not None and self.accelerator.is_main_process:
-            self.end_stage(self.progress.stage)
+        if self.end_stage is not None and (self.sharding is not None or self.accelerator.is_main_process):
+            self.end_stage(self.progress.stage)  # laid-out networks are gathered by every process together
         self.accelerator.wait_for_everyone()
         self.method.begin_stage(stage)
         for optimizer in (self.generator_optimizer, self.critic_optimizer):
@@ -333,9 +357,11 @@ class Trainer:
                 self.accelerator.backward(losses["loss"] / self.cfg.gradient_accumulation_steps)
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() / self.cfg.gradient_accumulation_steps
-        average_gradients(parameters, self.accelerator)
         if self.cfg.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
+            if self.sharding is None:
+                self.accelerator.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
+            else:  # the norm over every process's shards (the engine already averaged the gradients)
+                torch.nn.utils.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers[role].step()
@@ -376,6 +402,8 @@ class Trainer:
             shutil.rmtree(partial)  # left by a crash mid-save
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
+        if self.sharding is not None:  # weights, optimisers, EMA and method state: each process its shards
+            sharding.save(partial / sharding.SHARDED_STATE, *self._distributed_state())
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
         if self.accelerator.is_main_process:  # our own state, as JSON and safetensors (nothing pickled)
             schedulers = {role: scheduler.state_dict() for role, scheduler in self.lr_schedulers.items()}
@@ -383,10 +411,10 @@ class Trainer:
             if hasattr(self.next_batch, "state_dict"):  # streamed data: where it is read up to
                 state["data"] = self.next_batch.state_dict()
             (partial / TRAINER_STATE).write_text(json.dumps(state))
-            if self.ema is not None:
+            if self.ema is not None and self.sharding is None:
                 self.ema.save(partial / EMA_WEIGHTS)
             method_state = self.method.state_dict() if hasattr(self.method, "state_dict") else {}
-            if method_state:
+            if method_state and self.sharding is None:
                 save_file({name: tensor.detach().contiguous().cpu() for name, tensor in method_state.items()},
                           str(partial / METHOD_STATE))
             checkpoints.write_manifest(partial, self.progress.step)
@@ -396,6 +424,19 @@ class Trainer:
             checkpoints.prune(self.cfg.output_dir, self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _distributed_state(self) -> tuple[dict, dict, dict]:
+        """What a distributed checkpoint holds: the trained modules, the optimisers, and the EMA's and
+        the method's tensors (see :func:`sharding.save`)."""
+        optimizers = {"generator": self.generator_optimizer}
+        if self.critic_optimizer is not None:
+            optimizers["critic"] = self.critic_optimizer
+        tensors = {}
+        if self.ema is not None:
+            tensors["ema"] = {str(i): shadow for i, shadow in enumerate(self.ema.shadow)}
+        if hasattr(self.method, "state_dict"):
+            tensors["method"] = self.method.state_dict()
+        return {str(i): module for i, module in enumerate(self.modules)}, optimizers, tensors
 
     def _log(self, record: dict) -> None:
         """Append to ``train_log.jsonl`` and send to accelerate's trackers (if any were initialised)."""
@@ -412,11 +453,14 @@ class Trainer:
             self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def run_validation(self) -> dict[str, float]:
-        """``validate(step)`` on the main process, on the EMA weights when an EMA is kept."""
-        if self.validate is None or not self.accelerator.is_main_process:
+        """``validate(step)`` on the EMA weights when an EMA is kept; on the main process, or on every
+        process when the networks are laid out over them (each forward then gathers weights from all);
+        the main process's scores are returned."""
+        if self.validate is None or not (self.sharding is not None or self.accelerator.is_main_process):
             return {}
         with self.ema.swapped_in() if self.ema is not None else nullcontext(), torch.no_grad():
-            return self.validate(self.progress.step)
+            scores = self.validate(self.progress.step)
+        return scores if self.accelerator.is_main_process else {}
 
     def checkpoint_bytes(self) -> int:
         """An estimate of one checkpoint's size: every prepared module's weights plus AdamW's two moments."""
@@ -435,6 +479,9 @@ class Trainer:
             return
         try:
             self.accelerator.load_state(str(checkpoint))
+            if self.sharding is not None:
+                modules, optimizers, tensors = self._distributed_state()
+                sharding.load(checkpoint / sharding.SHARDED_STATE, modules, optimizers, tensors)
         except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as error:  # other networks, or damage
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise checkpoints.CheckpointError(
@@ -453,12 +500,15 @@ class Trainer:
                 self.next_batch.load_state_dict(state["data"])
             except ValueError as error:
                 raise checkpoints.CheckpointError(f"{checkpoint}: {error}; resume with the run's flags") from None
-        if self.ema is not None:
+        if self.sharding is not None:  # the EMA was read in place; the method takes its state back
+            if "method" in tensors:
+                self.method.load_state_dict(tensors["method"])
+        elif self.ema is not None:
             try:
                 self.ema.load(checkpoint / EMA_WEIGHTS)
             except ValueError as error:
                 raise checkpoints.CheckpointError(str(error)) from None
-        if hasattr(self.method, "load_state_dict"):
+        if hasattr(self.method, "load_state_dict") and self.sharding is None:
             saved = checkpoint / METHOD_STATE
             try:
                 self.method.load_state_dict(load_file(str(saved)) if saved.is_file() else {})

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from stepdistill.config import ConfigError
-from stepdistill.trainer import require_data_parallel
+from stepdistill.trainer import require_supported_engine
 
 TOY = Path(__file__).parent / "distributed" / "data_parallel_toy.py"
 
@@ -26,10 +26,13 @@ def run(command: list[str], output_dir: Path, *args: str) -> dict:
     return torch.load(output_dir / "weights.pt", weights_only=True)
 
 
-def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
+TWO = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+@pytest.mark.parametrize("layout", ["replicate", "shard"])
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, layout):
     single = run([sys.executable, str(TOY)], tmp_path / "one")
-    double = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                  str(TOY)], tmp_path / "two")
+    double = run([*TWO, "--master_port", "29517", str(TOY)], tmp_path / "two", "--layout", layout)
     for role in ("generator", "critic"):
         for name, value in single[role].items():
             torch.testing.assert_close(double[role][name], value, atol=1e-6, rtol=1e-5)
@@ -37,11 +40,12 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     assert [line.count('"step"') for line in log] == [1, 1, 1]  # one line per step: only the main process writes
 
 
-def test_two_processes_resume_exactly(tmp_path):
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", str(TOY)]
-    straight = run(two, tmp_path / "straight", "4")
-    run(two, tmp_path / "resumed", "2")  # stops after step 2 (checkpoint-2) ...
-    resumed = run(two, tmp_path / "resumed", "4", "resume")  # ... and a second launch finishes the run
+@pytest.mark.parametrize("layout", ["replicate", "shard"])
+def test_two_processes_resume_exactly(tmp_path, layout):
+    two = [*TWO, "--master_port", "29518", str(TOY)]
+    straight = run(two, tmp_path / "straight", "--steps", "4", "--layout", layout)
+    run(two, tmp_path / "resumed", "--steps", "2", "--layout", layout)  # stops after step 2 (checkpoint-2) ...
+    resumed = run(two, tmp_path / "resumed", "--steps", "4", "--layout", layout, "--resume")  # ... a second launch ends it
     for role in ("generator", "critic"):
         for name, value in straight[role].items():
             torch.testing.assert_close(resumed[role][name], value, atol=0, rtol=0)
@@ -49,12 +53,12 @@ def test_two_processes_resume_exactly(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
-def test_sharded_modes_are_refused():
+def test_engines_the_trainer_does_not_drive_are_refused():
     accelerator = Accelerator(cpu=True)
-    accelerator.state.distributed_type = DistributedType.FSDP  # what `accelerate config` would have set
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED  # what `accelerate config` would have set
     try:
-        with pytest.raises(ConfigError, match="FSDP"):
-            require_data_parallel(accelerator)
+        with pytest.raises(ConfigError, match="DEEPSPEED"):
+            require_supported_engine(accelerator)
     finally:
         accelerator.state.distributed_type = DistributedType.NO
 

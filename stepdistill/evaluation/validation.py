@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from accelerate import PartialState
 
 from stepdistill import conditioning
 from stepdistill.conditioning import Condition
@@ -82,7 +83,8 @@ class StudentValidator:
 
     def __call__(self, step: int) -> dict[str, float]:
         images = self.sample()
-        save_grid(images[:100], self.output_dir / f"step-{step}.png")
+        if PartialState().is_main_process:  # every process samples when the student is sharded over them
+            save_grid(images[:100], self.output_dir / f"step-{step}.png")
         if self.evaluator is None:
             return {}
         scores = self.evaluator.evaluate(images, self.prompts)

@@ -49,6 +49,8 @@ class Method(Protocol):
     # optional: ``state_dict() -> dict[str, Tensor]`` and ``load_state_dict(state)``, the method's own
     # state outside the optimised networks (a consistency model's EMA target), which every checkpoint
     # keeps and a resumed run restores.
+    # optional: ``frozen_networks``, the networks the method holds besides those it is given (an EMA
+    # target, a stage teacher's copy): on several processes the trainer lays them out like the others.
     # optional: ``begin_stage(stage)``, for methods trained in stages (``TrainerConfig.stage_steps``): called
     # before the first step of each stage k > 0 (progressive distillation's hand-over of the student to the
     # next stage's teacher); the stage the method is in belongs in its ``state_dict``.

@@ -182,6 +182,12 @@ class ConsistencyDistillation:
         """Whether f_θ⁻ is a frozen EMA copy (to checkpoint and to update after each student step)."""
         return self.target_ema_decay > 0
 
+    @property
+    def frozen_networks(self) -> list[nn.Module]:
+        """The network the method holds besides the trainer's (an EMA target's): laid out like them on
+        several processes."""
+        return [self.target.network] if self.ema_target else []
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA target's weights (none without one): the trainer keeps them in every checkpoint."""
         return dict(self.target.state_dict()) if self.ema_target else {}

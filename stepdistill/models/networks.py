@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from stepdistill.diffusion import NoiseProcess
 from stepdistill.models.backbones import adapter_for
@@ -161,6 +162,20 @@ def build_networks(
                     if with_fake_score else None),
         discriminator=discriminator,
     )
+
+
+def plain_copy(network: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new, plain (unwrapped) network of ``network``'s class and config, with its LoRA adapters,
+    holding ``state`` (every weight whole, e.g. gathered from a sharded run), in its dtype and on its
+    device: what export and scoring read after a multi-process run."""
+    network_class = next(c for c in type(network).__mro__ if not issubclass(c, FSDPModule))  # the class before wrapping
+    settings = {k: v for k, v in network.config.items() if not k.startswith("_")}
+    copy_ = network_class.from_config(settings)
+    for name, config in getattr(network, "peft_config", {}).items():
+        add_adapter(copy_, copy.deepcopy(config), name)
+    copy_.load_state_dict(state)
+    sample = next(iter(state.values()))
+    return copy_.to(device=network.device, dtype=sample.dtype).requires_grad_(False).eval()
 
 
 class StageTeacher:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-from stepdistill import export
+from stepdistill import export, sharding
 from stepdistill.data import digits
 from stepdistill.evaluation import plots, report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.grid import save_grid
 from stepdistill.evaluation.sampling import generate
+from stepdistill.models import networks
 from stepdistill.models.denoiser import select_adapter
 from stepdistill.models.teacher import Teacher
 from stepdistill.run.flags import RunConfig
@@ -25,14 +27,26 @@ def finish(
     scheduler: SchedulerMixin, guidance_scale: float = 1.0, student_steps: tuple[int, ...] = (),
     earlier_students: dict[str, tuple[Path, int]] | None = None,
 ) -> None:
-    """After training: end the trackers; on the main process export the student and score the export
-    (:func:`export_student`, :func:`final_report`; ``earlier_students`` are scored beside it)."""
-    setup.accelerator.end_training()
+    """After training: end the trackers, export the student (:func:`export_student`) and, on the main
+    process, score the export (:func:`final_report`; ``earlier_students`` are scored beside it)."""
     training = trainer.summary()  # before the export and the report add to the peak memory
+    student_dir = export_student(cfg, setup.teacher, trainer, student_network, adapter, scheduler, guidance_scale)
+    teacher_network = whole(trainer, setup.teacher.network)  # the report samples the teacher on one process
+    setup.accelerator.end_training()  # trackers flush; several processes part (after the last gathering)
     if setup.accelerator.is_main_process:
-        student_dir = export_student(cfg, setup.teacher, trainer, student_network, adapter, scheduler, guidance_scale)
+        setattr(setup.teacher.pipeline, setup.teacher.backbone.component, teacher_network)
         final_report(cfg, setup.teacher, setup.prompts, student_dir, training, student_steps, guidance_scale,
                      earlier_students)
+
+
+def whole(trainer: Trainer, network: nn.Module) -> nn.Module | None:
+    """``network`` as one plain module with all its weights: itself on one process; after a multi-process
+    run a copy gathered from every process's part (collective: all call it), on the main process only
+    (``None`` on the others)."""
+    if trainer.sharding is None:
+        return trainer.accelerator.unwrap_model(network)
+    state = sharding.gather(network)
+    return networks.plain_copy(network, state) if trainer.accelerator.is_main_process else None
 
 
 def export_student(
@@ -42,18 +56,20 @@ def export_student(
     """Write ``output_dir/<folder>`` for plain diffusers (EMA weights if kept): LoRA or a full pipeline,
     with the student ``scheduler`` (:func:`export.student_scheduler`) set to ``num_steps`` (default
     ``--num_student_steps``); ``guidance_scale`` is the one to sample at (1, unless the student takes
-    it as an input)."""
-    if trainer.ema is not None:
-        trainer.ema.copy_to_parameters()
-    student_network = trainer.accelerator.unwrap_model(student_network)
+    it as an input). Every process calls it after a multi-process run (the weights are gathered); the
+    main process writes."""
     student_dir = Path(cfg.output_dir) / folder
     num_steps = num_steps or cfg.num_student_steps
-    if cfg.use_lora:
-        export.export_lora(teacher.pipeline, student_network, adapter, student_dir, num_steps, scheduler,
-                           teacher.resolution)
-    else:
-        export.export_full(teacher.pipeline, student_network, student_dir, num_steps, scheduler, guidance_scale,
-                           teacher.resolution)
+    with trainer.ema.swapped_in() if trainer.ema is not None else nullcontext():
+        student_network = whole(trainer, student_network)
+        if not trainer.accelerator.is_main_process:
+            return student_dir
+        if cfg.use_lora:
+            export.export_lora(teacher.pipeline, student_network, adapter, student_dir, num_steps, scheduler,
+                               teacher.resolution)
+        else:
+            export.export_full(teacher.pipeline, student_network, student_dir, num_steps, scheduler, guidance_scale,
+                               teacher.resolution)
     steps = trainer.progress.step
     print(f"student written to {student_dir} after {steps} training step{'' if steps == 1 else 's'} "
           f"({trainer.progress.seconds / 60:.1f} min of training, resumed runs' earlier steps included)")

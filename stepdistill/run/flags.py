@@ -23,6 +23,7 @@ from stepdistill.checkpoints import CheckpointError, find_checkpoint
 from stepdistill.trainer import FP16_ON_CPU
 
 
+PARALLELISM = {"auto": "auto", "data": "replicate", "fsdp": "shard"}  # --parallelism → the trainer's layout
 LR_SCHEDULES = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
 TRACKERS = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
 
@@ -105,6 +106,10 @@ class RunConfig(TeacherDataConfig):
                                               "`accelerate launch --mixed_precision`, else no); fp16 needs a GPU",
                                         choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = field(False, "trade compute for memory in the trained networks")
+    parallelism: str = field("auto", "on several processes: data (every process holds all weights, gradients "
+                                     "averaged) or fsdp (weights, gradients and AdamW state of every network split "
+                                     "over the processes, FSDP2); auto: fsdp when accelerate is configured for FSDP",
+                             choices=tuple(PARALLELISM))
     ema_decay: float = field(0.0, "EMA of the student weights that get exported (0: off)", at_least=0, below=1)
     seed: int = field(0, "seed of everything")
     num_threads: int = field(0, "CPU threads for torch (0: all cores, shared among processes)", at_least=0)

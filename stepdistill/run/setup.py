@@ -24,7 +24,7 @@ from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher, load_teacher
 from stepdistill.run import data
 from stepdistill.run.flags import CriticConfig, RunConfig
-from stepdistill.trainer import make_accelerator, require_data_parallel, set_cpu_threads
+from stepdistill.trainer import make_accelerator, require_supported_engine, set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def start(cfg: RunConfig) -> Accelerator:
     accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir, cfg.logging_dir)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    require_data_parallel(accelerator)
+    require_supported_engine(accelerator)
     set_cpu_threads(accelerator, cfg.num_threads)
     set_seed(cfg.seed)
     return accelerator

@@ -10,7 +10,7 @@ from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 from stepdistill.evaluation.validation import StudentModel, StudentValidator
 from stepdistill.models.networks import Networks
 from stepdistill.models.teacher import Teacher
-from stepdistill.run.flags import RunConfig
+from stepdistill.run.flags import PARALLELISM, RunConfig
 from stepdistill.run.setup import Setup, scores_digits
 from stepdistill.trainer import Trainer, TrainerConfig
 
@@ -26,6 +26,7 @@ def trainer_config(cfg: RunConfig, critic_learning_rate: float | None = None) ->
         ema_decay=cfg.ema_decay, checkpointing_steps=cfg.checkpointing_steps,
         checkpoints_total_limit=cfg.checkpoints_total_limit, resume_from_checkpoint=cfg.resume_from_checkpoint,
         validation_steps=cfg.validation_steps, max_consecutive_skips=cfg.max_consecutive_skips, seed=cfg.seed,
+        layout=PARALLELISM[cfg.parallelism],
     )
 
 
@@ -61,6 +62,7 @@ def critic_trainer(cfg: RunConfig, setup: Setup, nets: Networks, method, critic_
         next_batch=setup.next_batch,
         accelerator=setup.accelerator,
         validate=make_validator(cfg, setup.teacher, nets.student, method.student_timesteps, setup.prompts),
+        frozen_modules=[nets.teacher.network],
     )
 
 
@@ -80,4 +82,5 @@ def student_trainer(
         accelerator=setup.accelerator,
         validate=validate,
         end_stage=end_stage,
+        frozen_modules=[nets.teacher.network],
     )

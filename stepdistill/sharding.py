@@ -1,0 +1,137 @@
+"""Several processes on torch's FSDP2 engine (``fully_shard``): data parallel or sharded training.
+
+``fully_shard`` turns a module into an FSDP module *in place*: its parameters become DTensors split
+over a device mesh, and hooks on its forward all-gather them when it runs and free them after. Methods
+therefore keep calling the raw networks (several losses, LoRA adapters switched on one shared UNet,
+a frozen teacher between trained copies), which a wrapper such as DDP's would not allow.
+
+Two layouts of the same engine:
+
+- ``replicate`` (data parallelism): an N × 1 mesh, every process holds all weights, gradients are
+  all-reduced (averaged) over the N replicas during backward;
+- ``shard`` (FSDP, ZeRO-3): a 1 × N mesh, every process holds 1/N of each weight, of its gradient and
+  of AdamW's moments; each block's weights are all-gathered for its forward and backward and freed
+  after, gradients reduce-scattered. Peak memory per process ≈ (weights + gradients + optimiser
+  state) / N + the largest gathered block + activations.
+
+Either way a process sees averaged gradients on the parameters it holds, so the optimiser step, the
+EMA and checkpoints are the same code for both; checkpoints go through torch's distributed
+checkpoint (each process writes its own shards), and :func:`gather` brings a network back whole for
+export and scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+LAYOUTS = ("replicate", "shard")
+SHARDED_STATE = "sharded_state"  # the distributed checkpoint's folder inside a checkpoint
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How the networks of a run are laid over its processes (module docstring).
+
+    ``param_dtype``: the dtype weights are gathered and computed in (bf16 under ``--mixed_precision
+    bf16``; ``None``: as stored, fp32); gradients are reduced in fp32 either way."""
+
+    layout: str
+    mesh: DeviceMesh
+    param_dtype: torch.dtype | None = None
+
+    @classmethod
+    def over_processes(cls, layout: str, device: torch.device, param_dtype: torch.dtype | None = None) -> Sharding:
+        """A mesh over every process of the (initialised) default process group."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS} (got {layout!r})")
+        world = torch.distributed.get_world_size()
+        shape = (world, 1) if layout == "replicate" else (1, world)
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+        return cls(layout, mesh, param_dtype)
+
+    @property
+    def mixed_precision(self) -> MixedPrecisionPolicy:
+        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
+
+    def wrap(self, network: nn.Module) -> None:
+        """Make ``network`` an FSDP module in place, each of its :func:`units` gathered only while it
+        runs and freed after every forward, so each forward also re-reads which weights take gradient."""
+        options = dict(mesh=self.mesh, mp_policy=self.mixed_precision, reshard_after_forward=True)
+        for unit in units(network):
+            fully_shard(unit, **options)
+        fully_shard(network, **options)
+
+
+def units(network: nn.Module) -> list[nn.Module]:
+    """The parts a network is laid out in: every child that holds weights, the members of a list of
+    blocks one by one (a UNet's down/up blocks, a transformer's blocks), so that the network itself
+    keeps no weights of its own. Each unit's weights are gathered when the unit runs and again in
+    backward when its output is used, which a loss on an inner layer's features (a discriminator on
+    the mid block) needs: the network's own output then takes no part in backward."""
+    parts = []
+    for child in network.children():
+        members = list(child) if isinstance(child, (nn.ModuleList, nn.Sequential)) else [child]
+        parts += [m for m in members if any(True for _ in m.parameters())]
+    return parts
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (collective: every process must call), any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gather(network: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight and buffer of a wrapped ``network``, whole and on the CPU, on every process
+    (collective); keys as in the unwrapped network's ``state_dict()``."""
+    return get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+         tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write the wrapped ``modules``' weights, the ``optimizers``' states (each over its own module's
+    parameters) and named groups of extra (D)tensors (an EMA, a method's state) to ``folder`` as one
+    distributed checkpoint; every process writes its own shards (collective)."""
+    dcp.save(_state(modules, optimizers, tensors), checkpoint_id=str(folder))
+
+
+def load(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+         tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Read back what :func:`save` wrote into the same modules and optimisers, and into ``tensors``
+    in place (a group made afresh, e.g. by a method's ``state_dict()``, is then handed back by the caller)."""
+    state = _state(modules, optimizers, tensors)
+    dcp.load(state, checkpoint_id=str(folder))
+    for name, module in modules.items():
+        set_model_state_dict(module, state[f"model.{name}"])
+    for name, (module, optimizer) in _optimizer_modules(modules, optimizers).items():
+        set_optimizer_state_dict(module, optimizer, state[f"optimizer.{name}"])
+
+
+def _optimizer_modules(modules, optimizers) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+    """Each optimiser with the module its parameters belong to (the modules' union, as one container)."""
+    container = nn.ModuleDict(modules)
+    return {name: (container, optimizer) for name, optimizer in optimizers.items()}
+
+
+def _state(modules, optimizers, tensors) -> dict:
+    state: dict = {f"model.{name}": get_model_state_dict(module) for name, module in modules.items()}
+    for name, (module, optimizer) in _optimizer_modules(modules, optimizers).items():
+        state[f"optimizer.{name}"] = get_optimizer_state_dict(module, optimizer)
+    for group, named in tensors.items():
+        state.update({f"{group}.{key}": tensor for key, tensor in named.items()})
+    return state
