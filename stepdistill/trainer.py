@@ -579,13 +579,19 @@ class Trainer:
 
     def summary(self) -> dict:
         """What the run cost: steps, training seconds (validation and checkpoints excluded), steps/s,
-        the device, the precision it ran at and this process's peak memory (see :func:`peak_memory_bytes`)."""
+        the device, the precision it ran at and this process's peak memory (see :func:`peak_memory_bytes`);
+        on several processes also every process's peak and the layout (collective: all must call it)."""
         device = self.accelerator.device
-        return {
+        summary = {
             "steps": self.progress.step, "seconds": self.progress.seconds,
             "steps_per_second": self.progress.step / self.progress.seconds if self.progress.seconds else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "num_processes": self.accelerator.num_processes, "mixed_precision": self.accelerator.mixed_precision,
             "peak_memory_bytes": peak_memory_bytes(device),
         }
+        if self.accelerator.num_processes > 1:  # collective: every process calls summary()
+            peaks = self.accelerator.gather(torch.tensor([summary["peak_memory_bytes"]], device=device))
+            summary["peak_memory_bytes_per_process"] = [int(peak) for peak in peaks.tolist()]
+            summary["layout"] = self.sharding.layout
+        return summary
 

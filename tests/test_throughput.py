@@ -17,6 +17,26 @@ def test_memory_estimate_counts_weights_gradients_and_adam_moments():
     assert throughput.memory_estimate("sid", "lora", p) == 4 * p  # one frozen UNet; adapters are small
 
 
+def test_a_sharded_setting_fits_by_its_share_on_a_gpu_and_by_its_total_on_one_machine(monkeypatch):
+    monkeypatch.setattr(throughput, "memory_available", lambda device: 100 * 2**30)
+    needed = 150 * 2**30
+    assert throughput.fits(needed, 2, "cuda")[0]  # 75 GiB on each of two GPUs
+    assert not throughput.fits(needed, 1, "cuda")[0]
+    fitting, comparison = throughput.fits(needed, 2, "cpu")  # two processes on one machine share its memory
+    assert not fitting and "150 GiB" in comparison and "on this machine" in comparison
+
+
+@pytest.mark.slow
+def test_throughput_reports_each_process_peak_memory_of_a_sharded_setting(tmp_path):
+    cfg = throughput.ThroughputConfig(recipes=("dmd2",), variants=("full",), precisions=("no",), num_processes=(2,),
+                                      unet_width=0.1, latent_size=8, max_train_steps=2, output_dir=str(tmp_path))
+    cfg.validate()
+    (setting,) = throughput.run(cfg)["settings"]
+    assert setting["num_processes"] == 2 and len(setting["peak_memory_bytes_per_process"]) == 2
+    assert setting["peak_memory_bytes"] == max(setting["peak_memory_bytes_per_process"])
+    assert "| dmd2 | full | fp32 | 2 |" in (tmp_path / "throughput.md").read_text()
+
+
 @pytest.mark.slow
 def test_throughput_times_a_setting_on_an_sd15_sized_unet(tmp_path):
     cfg = throughput.ThroughputConfig(recipes=("consistency",), variants=("lora",), precisions=("no",),
@@ -39,6 +59,8 @@ def test_throughput_times_a_setting_on_an_sd15_sized_unet(tmp_path):
         ({"precisions": ("fp8",)}, "unknown 'fp8'"),
         ({"latent_size": 12}, "multiple of 8"),
         ({"max_train_steps": 1}, "the first step is not timed"),
+        ({"unet_width": 0.33}, "multiple of 32"),
+        ({"num_processes": (0,)}, "must all be ≥ 1"),
     ],
 )
 def test_throughput_refuses_bad_input(changes, message, tmp_path):
