@@ -264,7 +264,8 @@ class Trainer:
         self.modules = modules
         self.sharding = None
         if self.accelerator.num_processes > 1:
-            frozen_modules = [*frozen_modules, *getattr(method, "frozen_networks", ())]
+            if hasattr(type(method), "frozen_networks"):  # (getattr's default would hide a failing property)
+                frozen_modules = [*frozen_modules, *method.frozen_networks]
             generator_parameters, critic_parameters = self._lay_out(
                 modules, frozen_modules, (generator_parameters, critic_parameters))
         set_seed(cfg.seed, device_specific=True)  # each process draws its own batches and noise
@@ -348,7 +349,7 @@ class Trainer:
         others = self.critic_parameters if role == "generator" else self.generator_parameters
         for _ in range(self.cfg.gradient_accumulation_steps):
             with frozen(others):
-                with self.accelerator.autocast():
+                with self._autocast():
                     losses = loss_fn(self.next_batch())
                 if not self._finite_everywhere(losses["loss"]):
                     optimizer.zero_grad(set_to_none=True)
@@ -367,6 +368,14 @@ class Trainer:
         self.lr_schedulers[role].step()
         self.progress.consecutive_skips[role] = 0
         return totals
+
+    def _autocast(self):
+        """accelerate's autocast, except where the engine already computes in bf16/fp16 (sharded weights
+        gathered in that dtype, each unit casting its inputs): autocast would put some layers (group
+        norm) back in fp32 beside low-precision weights."""
+        if self.sharding is not None and self.sharding.param_dtype is not None:
+            return nullcontext()
+        return self.accelerator.autocast()
 
     def _skip_update(self, role: str) -> None:
         """Count a skipped update; stop the run once one optimiser skips ``max_consecutive_skips`` in a row."""

@@ -139,3 +139,21 @@ def test_a_sharded_lora_student_trains_as_data_parallel_and_loads_in_diffusers(t
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.load_lora_weights(tmp_path / "fsdp" / "student")
     assert pipe.get_list_adapters()["unet"]
+
+
+def test_a_method_with_its_own_network_trains_sharded_in_bf16_with_gradient_checkpointing(tiny_pipeline_dir, tmp_path):
+    """Consistency distillation's EMA target (a network the method holds) is sharded like the student;
+    bf16 weights are gathered by the engine (no autocast), activations recomputed inside each unit."""
+    command = [*TWO, "--master_port", "29526", str(RECIPES / "consistency.py"), "--pretrained_model_name_or_path",
+               str(tiny_pipeline_dir), "--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "2",
+               "--num_validation_images", "4", "--eval_num_samples", "0", "--report_to", "none", "--output_dir",
+               str(tmp_path), "--parallelism", "fsdp", "--use_lora", "false", "--target_ema_decay", "0.95",
+               "--mixed_precision", "bf16", "--gradient_checkpointing", "true"]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    student = load_file(str(tmp_path / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
+    teacher = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(value.dtype == torch.float32 and torch.isfinite(value).all() for value in student.values())
+    assert any(not torch.equal(student[k], teacher[k]) for k in teacher)
+    assert (tmp_path / "validation" / "step-2.png").is_file()

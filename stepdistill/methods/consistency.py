@@ -186,7 +186,7 @@ class ConsistencyDistillation:
     def frozen_networks(self) -> list[nn.Module]:
         """The network the method holds besides the trainer's (an EMA target's): laid out like them on
         several processes."""
-        return [self.target.network] if self.ema_target else []
+        return [self.target.denoiser.network] if self.ema_target else []
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA target's weights (none without one): the trainer keeps them in every checkpoint."""

@@ -42,7 +42,9 @@ class DiscriminatorHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.layers[:-1](features.float())
+        """In the head's own precision: fp32 weights read bf16 features in fp32; weights a sharded run
+        computes in bf16 read them in bf16."""
+        hidden = self.layers[:-1](features.to(self.layers[0].weight.dtype))
         return self.layers[-1](hidden).squeeze(1), hidden
 
 
