@@ -40,6 +40,16 @@ LAYOUTS = ("replicate", "shard")
 SHARDED_STATE = "sharded_state"  # the distributed checkpoint's folder inside a checkpoint
 
 
+def resolve_layout(requested: str, fsdp_configured: bool) -> str:
+    """The layout of ``requested`` (``auto``, or one of :data:`LAYOUTS`): ``auto`` shards when
+    accelerate is configured for FSDP (``distributed_type: FSDP``), else replicates."""
+    if requested == "auto":
+        return "shard" if fsdp_configured else "replicate"
+    if requested not in LAYOUTS:
+        raise ValueError(f"layout must be auto or one of {LAYOUTS} (got {requested!r})")
+    return requested
+
+
 @dataclass(frozen=True)
 class Sharding:
     """How the networks of a run are laid over its processes (module docstring).

@@ -298,9 +298,7 @@ class Trainer:
         ones too (a teacher, a method's own copies), each from the main process's weights; wrapping
         replaces parameters, so ``parameter_lists`` are returned re-read by name."""
         param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
-        layout = self.cfg.layout
-        if layout == "auto":
-            layout = "shard" if self.accelerator.distributed_type == DistributedType.FSDP else "replicate"
+        layout = sharding.resolve_layout(self.cfg.layout, self.accelerator.distributed_type == DistributedType.FSDP)
         self.sharding = sharding.Sharding.over_processes(layout, self.accelerator.device, param_dtype)
         networks = list({id(m): m for m in [*trained, *frozen_modules]}.values())
         where = {id(p): (i, name) for i, network in enumerate(networks) for name, p in network.named_parameters()}

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from stepdistill import sharding
 from stepdistill.config import ConfigError
 from stepdistill.trainer import require_supported_engine
 
@@ -157,3 +159,13 @@ def test_a_method_with_its_own_network_trains_sharded_in_bf16_with_gradient_chec
     assert all(value.dtype == torch.float32 and torch.isfinite(value).all() for value in student.values())
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)
     assert (tmp_path / "validation" / "step-2.png").is_file()
+
+
+def test_the_shipped_accelerate_config_selects_fsdp2_and_the_sharded_layout():
+    config = load_config_from_file(str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"))
+    assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
+    assert sharding.resolve_layout("auto", fsdp_configured=True) == "shard"
+    assert sharding.resolve_layout("auto", fsdp_configured=False) == "replicate"
+    assert sharding.resolve_layout("replicate", fsdp_configured=True) == "replicate"  # the flag wins
+    with pytest.raises(ValueError, match="layout must be"):
+        sharding.resolve_layout("zero3", fsdp_configured=False)
