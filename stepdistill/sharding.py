@@ -22,7 +22,6 @@ export and scoring.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 LAYOUTS = ("replicate", "shard")
 SHARDED_STATE = "sharded_state"  # the distributed checkpoint's folder inside a checkpoint
@@ -95,15 +93,6 @@ def units(network: nn.Module) -> list[nn.Module]:
         members = list(child) if isinstance(child, (nn.ModuleList, nn.Sequential)) else [child]
         parts += [m for m in members if any(True for _ in m.parameters())]
     return parts
-
-
-def is_wrapped(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered whole (collective: every process must call), any other tensor as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def gather(network: nn.Module) -> dict[str, torch.Tensor]:

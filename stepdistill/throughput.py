@@ -181,8 +181,10 @@ def time_setting(
     shutil.rmtree(run_dir)  # the exported student is a full copy of the UNet: do not keep one per setting
     step = statistics.median(seconds[1:])
     peaks = training.get("peak_memory_bytes_per_process", [training["peak_memory_bytes"]])
+    training_peaks = training.get("training_peak_memory_bytes_per_process", [training["training_peak_memory_bytes"]])
     return {"seconds_per_step": step, "steps_per_second": 1 / step, "first_step_seconds": seconds[0],
-            "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_process": peaks, "device": training["device"]}
+            "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_process": peaks,
+            "training_peak_memory_bytes_per_process": training_peaks, "device": training["device"]}
 
 
 def markdown(summary: dict) -> str:
@@ -197,21 +199,24 @@ def markdown(summary: dict) -> str:
         f"{'' if width == 1 else f', channel widths × {width}'}), "
         f"{summary['config']['latent_size']}×{summary['config']['latent_size']} latents, batch "
         f"{summary['config']['train_batch_size']} per process; {timed_steps}. Peak memory "
-        f"is {'torch.cuda.max_memory_allocated' if m['gpu'] else 'the process RSS'}, per process; several "
+        f"is {'torch.cuda.max_memory_allocated' if m['gpu'] else 'the process RSS'}, per process, over the "
+        "whole run and from the first step on (without loading and laying out the networks); several "
         "processes shard every network with FSDP2 (`--parallelism fsdp`).",
         "",
-        "| recipe | weights | precision | processes | s/step | steps/s | peak memory per process (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | weights | precision | processes | s/step | steps/s | peak memory per process (GiB) | "
+        "from the first step (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["settings"]:
         precision = "fp32" if row["precision"] == "no" else row["precision"]
         setting = f"| {row['recipe']} | {row['variant']} | {precision} | {row.get('num_processes', 1)} |"
         if "skipped" in row:
-            lines.append(f"{setting} skipped: {row['skipped']} | | |")
+            lines.append(f"{setting} skipped: {row['skipped']} | | | |")
         else:
-            peaks = " / ".join(f"{peak / 2**30:.1f}" for peak in row.get("peak_memory_bytes_per_process",
-                                                                          [row["peak_memory_bytes"]]))
-            lines.append(f"{setting} {row['seconds_per_step']:.2f} | {row['steps_per_second']:.3f} | {peaks} |")
+            peaks, training = (" / ".join(f"{peak / 2**30:.1f}" for peak in row[key])
+                               for key in ("peak_memory_bytes_per_process", "training_peak_memory_bytes_per_process"))
+            lines.append(f"{setting} {row['seconds_per_step']:.2f} | {row['steps_per_second']:.3f} | {peaks} | "
+                         f"{training} |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
+import re
 import shutil
 import signal
 import sys
@@ -129,11 +129,20 @@ class TrainerConfig:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """The process's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, the peak
-    resident set size (RSS) on the CPU."""
+    """The process's peak memory since it started or since :func:`reset_peak_memory`:
+    ``torch.cuda.max_memory_allocated`` on a GPU, the peak resident set size (Linux's VmHWM) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Measure peak memory afresh from now (CUDA's peak statistics; on Linux, the RSS high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 class Progress:
@@ -230,6 +239,9 @@ def set_cpu_threads(accelerator: Accelerator, num_threads: int = 0) -> None:
 class Trainer:
     """Drive ``method`` over ``next_batch()`` with a generator optimiser and a critic optimiser.
 
+    ``frozen_modules`` (a frozen teacher) take no update; on several processes they are laid out
+    with the trained ones, as are a method's own ``frozen_networks``.
+
     A ``next_batch`` with ``state_dict()`` / ``load_state_dict()`` (streamed data) has its position
     kept in every checkpoint and restored on resume; a plain function draws from torch's generator,
     whose state accelerate keeps."""
@@ -289,6 +301,7 @@ class Trainer:
         self.ema = EMA(generator_parameters, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.progress = Progress()
         self.log_path = Path(cfg.output_dir) / "train_log.jsonl"
+        self.setup_peak_memory = 0  # fit() reads it before the first step
 
     def _lay_out(
         self, trained: list[nn.Module], frozen_modules: Iterable[nn.Module],
@@ -534,6 +547,8 @@ class Trainer:
         if cfg.resume_from_checkpoint:
             self.resume(cfg.resume_from_checkpoint)
         critic_steps = getattr(self.method, "critic_steps_per_generator_step", 1) if self.critic_optimizer else 0
+        self.setup_peak_memory = peak_memory_bytes(self.accelerator.device)  # loading and laying out the networks
+        reset_peak_memory(self.accelerator.device)
         bar = tqdm(
             total=cfg.max_train_steps, initial=self.progress.step, desc="distilling",
             disable=not self.accelerator.is_local_main_process,
@@ -586,19 +601,22 @@ class Trainer:
 
     def summary(self) -> dict:
         """What the run cost: steps, training seconds (validation and checkpoints excluded), steps/s,
-        the device, the precision it ran at and this process's peak memory (see :func:`peak_memory_bytes`);
-        on several processes also every process's peak and the layout (collective: all must call it)."""
+        the device, the precision it ran at and this process's peak memory (see :func:`peak_memory_bytes`),
+        over the whole run and since the first step (without loading and laying out the networks); on
+        several processes also every process's peaks and the layout (collective: all must call it)."""
         device = self.accelerator.device
+        training_peak = peak_memory_bytes(device)
         summary = {
             "steps": self.progress.step, "seconds": self.progress.seconds,
             "steps_per_second": self.progress.step / self.progress.seconds if self.progress.seconds else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "num_processes": self.accelerator.num_processes, "mixed_precision": self.accelerator.mixed_precision,
-            "peak_memory_bytes": peak_memory_bytes(device),
+            "peak_memory_bytes": max(training_peak, self.setup_peak_memory), "training_peak_memory_bytes": training_peak,
         }
         if self.accelerator.num_processes > 1:  # collective: every process calls summary()
-            peaks = self.accelerator.gather(torch.tensor([summary["peak_memory_bytes"]], device=device))
-            summary["peak_memory_bytes_per_process"] = [int(peak) for peak in peaks.tolist()]
+            for key in ("peak_memory_bytes", "training_peak_memory_bytes"):
+                peaks = self.accelerator.gather(torch.tensor([summary[key]], device=device))
+                summary[f"{key}_per_process"] = [int(peak) for peak in peaks.tolist()]
             summary["layout"] = self.sharding.layout
         return summary
 
