@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
@@ -113,8 +114,14 @@ def load(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torc
          tensors: dict[str, dict[str, torch.Tensor]]) -> None:
     """Read back what :func:`save` wrote into the same modules and optimisers, and into ``tensors``
     in place (a group made afresh, e.g. by a method's ``state_dict()``, is then handed back by the caller)."""
+    if not folder.is_dir():
+        raise ValueError(f"it holds no {folder.name}/: it was written by a one-process run, and a checkpoint "
+                         "resumes on the number of processes that wrote it")
     state = _state(modules, optimizers, tensors)
-    dcp.load(state, checkpoint_id=str(folder))
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except CheckpointException:  # a BaseException: say it as the ValueError callers expect
+        raise ValueError(f"the shards in {folder} do not match this run's networks and processes") from None
     for name, module in modules.items():
         set_model_state_dict(module, state[f"model.{name}"])
     for name, (module, optimizer) in _optimizer_modules(modules, optimizers).items():

@@ -169,3 +169,12 @@ def test_the_shipped_accelerate_config_selects_fsdp2_and_the_sharded_layout():
     assert sharding.resolve_layout("replicate", fsdp_configured=True) == "replicate"  # the flag wins
     with pytest.raises(ValueError, match="layout must be"):
         sharding.resolve_layout("zero3", fsdp_configured=False)
+
+
+def test_a_one_process_checkpoint_is_refused_in_one_line_by_two_processes(tmp_path):
+    run([sys.executable, str(TOY)], tmp_path, "--steps", "2")
+    command = [*TWO, "--master_port", "29527", str(TOY), str(tmp_path), "--steps", "3", "--resume"]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode != 0
+    assert "CheckpointError: cannot load" in result.stderr and "written by a one-process run" in result.stderr
