@@ -22,7 +22,7 @@ export and scoring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -77,10 +77,12 @@ class Sharding:
     def wrap(self, network: nn.Module) -> None:
         """Make ``network`` an FSDP module in place, each of its :func:`units` gathered only while it
         runs and freed after every forward, so each forward also re-reads which weights take gradient."""
-        options = dict(mesh=self.mesh, mp_policy=self.mixed_precision, reshard_after_forward=True)
+        options = dict(mesh=self.mesh, reshard_after_forward=True)
         for unit in units(network):
-            fully_shard(unit, **options)
-        fully_shard(network, **options)
+            fully_shard(unit, mp_policy=self.mixed_precision, **options)
+        # the network's own inputs stay as given: cast to bf16, timesteps would round (999 → 1000); each
+        # unit casts what it reads
+        fully_shard(network, mp_policy=replace(self.mixed_precision, cast_forward_inputs=False), **options)
 
 
 def units(network: nn.Module) -> list[nn.Module]:
@@ -96,9 +98,23 @@ def units(network: nn.Module) -> list[nn.Module]:
     return parts
 
 
+def agreed(value: int) -> int:
+    """``value`` as the main process drew it, on every process (collective when several run; itself on
+    one). For random draws that decide how many times a network runs in a step: under sharding every
+    forward is a collective, so each process must run the same number."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    if torch.distributed.get_world_size() == 1:
+        return value
+    shared = [value]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def gather(network: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight and buffer of a wrapped ``network``, whole and on the CPU, on every process
-    (collective); keys as in the unwrapped network's ``state_dict()``."""
+    """Every weight and buffer of a wrapped ``network``, whole and on the CPU, on the main process
+    (an empty dict on the others; collective: all must call it); keys as in the unwrapped network's
+    ``state_dict()``."""
     return get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

@@ -213,7 +213,7 @@ def markdown(summary: dict) -> str:
         if "skipped" in row:
             lines.append(f"{setting} skipped: {row['skipped']} | | | |")
         else:
-            peaks, training = (" / ".join(f"{peak / 2**30:.1f}" for peak in row[key])
+            peaks, training = (" / ".join("–" if peak is None else f"{peak / 2**30:.1f}" for peak in row[key])
                                for key in ("peak_memory_bytes_per_process", "training_peak_memory_bytes_per_process"))
             lines.append(f"{setting} {row['seconds_per_step']:.2f} | {row['steps_per_second']:.3f} | {peaks} | "
                          f"{training} |")

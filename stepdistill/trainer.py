@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -133,16 +134,25 @@ def peak_memory_bytes(device: torch.device) -> int:
     ``torch.cuda.max_memory_allocated`` on a GPU, the peak resident set size (Linux's VmHWM) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status").read_text()
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux: the peak since the process started (bytes on macOS, KiB elsewhere)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Measure peak memory afresh from now (CUDA's peak statistics; on Linux, the RSS high-water mark)."""
+def reset_peak_memory(device: torch.device) -> bool:
+    """Measure peak memory afresh from now (CUDA's peak statistics; on Linux, the RSS high-water mark);
+    ``False`` where the platform cannot (the peak then counts from the process's start)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
+        return True
+    try:
         Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 class Progress:
@@ -203,6 +213,12 @@ def require_supported_engine(accelerator: Accelerator) -> None:
             f"accelerate is configured for {accelerator.distributed_type.value}, which stepdistill does not drive; "
             "use multi-process data parallelism or FSDP (accelerate config), or --parallelism fsdp"
         )
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes == 1:
+        raise ConfigError("accelerate is configured for FSDP on one process: sharding needs several "
+                          "(accelerate launch --num_processes N), or launch one process without the FSDP config")
+    if accelerator.num_processes > 1 and accelerator.mixed_precision == "fp16":
+        raise ConfigError("--mixed_precision fp16 on several processes: the FSDP2 engine does not scale fp16 "
+                          "losses here; use bf16")
 
 
 def broadcast_from_main(module: nn.Module) -> None:
@@ -301,7 +317,7 @@ class Trainer:
         self.ema = EMA(generator_parameters, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.progress = Progress()
         self.log_path = Path(cfg.output_dir) / "train_log.jsonl"
-        self.setup_peak_memory = 0  # fit() reads it before the first step
+        self.setup_peak_memory, self.training_peak_measured = 0, False  # fit() measures them at the first step
 
     def _lay_out(
         self, trained: list[nn.Module], frozen_modules: Iterable[nn.Module],
@@ -548,7 +564,7 @@ class Trainer:
             self.resume(cfg.resume_from_checkpoint)
         critic_steps = getattr(self.method, "critic_steps_per_generator_step", 1) if self.critic_optimizer else 0
         self.setup_peak_memory = peak_memory_bytes(self.accelerator.device)  # loading and laying out the networks
-        reset_peak_memory(self.accelerator.device)
+        self.training_peak_measured = reset_peak_memory(self.accelerator.device)
         bar = tqdm(
             total=cfg.max_train_steps, initial=self.progress.step, desc="distilling",
             disable=not self.accelerator.is_local_main_process,
@@ -611,12 +627,14 @@ class Trainer:
             "steps_per_second": self.progress.step / self.progress.seconds if self.progress.seconds else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "num_processes": self.accelerator.num_processes, "mixed_precision": self.accelerator.mixed_precision,
-            "peak_memory_bytes": max(training_peak, self.setup_peak_memory), "training_peak_memory_bytes": training_peak,
+            "peak_memory_bytes": max(training_peak, self.setup_peak_memory),
+            "training_peak_memory_bytes": training_peak if self.training_peak_measured else None,
         }
         if self.accelerator.num_processes > 1:  # collective: every process calls summary()
-            for key in ("peak_memory_bytes", "training_peak_memory_bytes"):
-                peaks = self.accelerator.gather(torch.tensor([summary[key]], device=device))
-                summary[f"{key}_per_process"] = [int(peak) for peak in peaks.tolist()]
+            for key in ("peak_memory_bytes", "training_peak_memory_bytes"):  # -1: not measurable there
+                mine = summary[key] if summary[key] is not None else -1
+                peaks = self.accelerator.gather(torch.tensor([mine], device=device)).tolist()
+                summary[f"{key}_per_process"] = [int(peak) if peak >= 0 else None for peak in peaks]
             summary["layout"] = self.sharding.layout
         return summary
 

@@ -63,6 +63,16 @@ def test_two_processes_resume_exactly(tmp_path, layout):
     assert steps == [1, 2, 3, 4]
 
 
+def test_fsdp_configured_for_one_process_is_refused():
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    try:
+        with pytest.raises(ConfigError, match="FSDP on one process: sharding needs several"):
+            require_supported_engine(accelerator)
+    finally:
+        accelerator.state.distributed_type = DistributedType.NO
+
+
 def test_engines_the_trainer_does_not_drive_are_refused():
     accelerator = Accelerator(cpu=True)
     accelerator.state.distributed_type = DistributedType.DEEPSPEED  # what `accelerate config` would have set
@@ -178,3 +188,12 @@ def test_a_one_process_checkpoint_is_refused_in_one_line_by_two_processes(tmp_pa
                             timeout=240)
     assert result.returncode != 0
     assert "CheckpointError: cannot load" in result.stderr and "written by a one-process run" in result.stderr
+
+
+def test_a_four_step_student_trains_sharded_in_bf16(tiny_pipeline_dir, tmp_path):
+    """Backward simulation runs the student k times without gradient, k drawn per step: every process
+    must run it as often (each sharded forward is a collective), so k is the main process's draw."""
+    launch_dmd2(tiny_pipeline_dir, tmp_path, 29529, "--parallelism", "fsdp", "--use_lora", "false",
+                "--num_student_steps", "4", "--mixed_precision", "bf16")
+    student = load_file(str(tmp_path / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.isfinite(value).all() for value in student.values())

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from stepdistill import sharding
 from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess, VPProcess, few_step_sample
 from stepdistill.methods import adversarial_losses
@@ -111,7 +112,7 @@ class FakeScoreDistillation:
         is told of x's origin: k per sample for a per-step fake score, else ``None``."""
         noise = torch.randn((batch.size, *self.latent_shape), device=batch.device)
         steps = self.student_timesteps
-        k = int(torch.randint(len(steps), ())) if len(steps) > 1 else 0
+        k = sharding.agreed(int(torch.randint(len(steps), ()))) if len(steps) > 1 else 0  # one k for all processes
         if k > 0:
             with torch.no_grad():
                 noise = few_step_sample(

@@ -30,8 +30,8 @@ def finish(
     """After training: end the trackers, export the student (:func:`export_student`) and, on the main
     process, score the export (:func:`final_report`; ``earlier_students`` are scored beside it)."""
     training = trainer.summary()  # before the export and the report add to the peak memory
-    student_dir = export_student(cfg, setup.teacher, trainer, student_network, adapter, scheduler, guidance_scale)
     teacher_network = whole(trainer, setup.teacher.network)  # the report samples the teacher on one process
+    student_dir = export_student(cfg, setup.teacher, trainer, student_network, adapter, scheduler, guidance_scale)
     setup.accelerator.end_training()  # trackers flush; several processes part (after the last gathering)
     if setup.accelerator.is_main_process:
         setattr(setup.teacher.pipeline, setup.teacher.backbone.component, teacher_network)
