@@ -12,7 +12,7 @@ Two layouts of the same engine:
 - ``shard`` (FSDP, ZeRO-3): a 1 × N mesh, every process holds 1/N of each weight, of its gradient and
   of AdamW's moments; each block's weights are all-gathered for its forward and backward and freed
   after, gradients reduce-scattered. Peak memory per process ≈ (weights + gradients + optimiser
-  state) / N + the largest gathered block + activations.
+  state + an EMA) / N + the largest gathered block + activations.
 
 Either way a process sees averaged gradients on the parameters it holds, so the optimiser step, the
 EMA and checkpoints are the same code for both; checkpoints go through torch's distributed
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )

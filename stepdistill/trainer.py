@@ -326,7 +326,7 @@ class Trainer:
         """Lay every network over the processes (``cfg.layout``, :mod:`stepdistill.sharding`), frozen
         ones too (a teacher, a method's own copies), each from the main process's weights; wrapping
         replaces parameters, so ``parameter_lists`` are returned re-read by name."""
-        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        param_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else None  # fp16: refused
         layout = sharding.resolve_layout(self.cfg.layout, self.accelerator.distributed_type == DistributedType.FSDP)
         self.sharding = sharding.Sharding.over_processes(layout, self.accelerator.device, param_dtype)
         networks = list({id(m): m for m in [*trained, *frozen_modules]}.values())

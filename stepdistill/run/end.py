@@ -27,8 +27,9 @@ def finish(
     scheduler: SchedulerMixin, guidance_scale: float = 1.0, student_steps: tuple[int, ...] = (),
     earlier_students: dict[str, tuple[Path, int]] | None = None,
 ) -> None:
-    """After training: end the trackers, export the student (:func:`export_student`) and, on the main
-    process, score the export (:func:`final_report`; ``earlier_students`` are scored beside it)."""
+    """After training: export the student (:func:`export_student`), end the trackers and, on the main
+    process, score the export (:func:`final_report`; ``earlier_students`` are scored beside it). After a
+    multi-process run the teacher is gathered whole first, for the report."""
     training = trainer.summary()  # before the export and the report add to the peak memory
     teacher_network = whole(trainer, setup.teacher.network)  # the report samples the teacher on one process
     student_dir = export_student(cfg, setup.teacher, trainer, student_network, adapter, scheduler, guidance_scale)
