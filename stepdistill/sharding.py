@@ -131,8 +131,8 @@ def load(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torc
     """Read back what :func:`save` wrote into the same modules and optimisers, and into ``tensors``
     in place (a group made afresh, e.g. by a method's ``state_dict()``, is then handed back by the caller)."""
     if not folder.is_dir():
-        raise ValueError(f"it holds no {folder.name}/: it was written by a one-process run, and a checkpoint "
-                         "resumes on the number of processes that wrote it")
+        raise ValueError(f"it holds no {folder.name}/: it was written by a one-process run (or a multi-process one "
+                         "before runs were laid out by FSDP2), and a checkpoint resumes on the processes that wrote it")
     state = _state(modules, optimizers, tensors)
     try:
         dcp.load(state, checkpoint_id=str(folder))
