@@ -33,7 +33,8 @@ def finish(
     training = trainer.summary()  # before the export and the report add to the peak memory
     teacher_network = whole(trainer, setup.teacher.network)  # the report samples the teacher on one process
     student_dir = export_student(cfg, setup.teacher, trainer, student_network, adapter, scheduler, guidance_scale)
-    setup.accelerator.end_training()  # trackers flush; several processes part (after the last gathering)
+    setup.accelerator.wait_for_everyone()  # several processes part together, once the export is written (a
+    setup.accelerator.end_training()       # process leaving the group early aborted gloo); trackers flush
     if setup.accelerator.is_main_process:
         setattr(setup.teacher.pipeline, setup.teacher.backbone.component, teacher_network)
         final_report(cfg, setup.teacher, setup.prompts, student_dir, training, student_steps, guidance_scale,
