@@ -1,11 +1,13 @@
-"""``python -m stepdistill bench``: every recipe on the shipped digits teacher, scored side by side.
+"""``python -m stepdistill bench``: every recipe on a shipped digits teacher, scored side by side.
 
     python -m stepdistill bench                       # the README's Results (1.5 hours on 2 CPU cores; less
                                                       # once the teacher's rows are cached)
+    python -m stepdistill bench --teacher digits-sd3 --output_dir benchmarks/results_sd3   # the flow teacher
     python -m stepdistill bench --recipes dmd2 --max_train_steps 2 --num_samples 20 --seeds 0 --teacher_steps 1,50
 
 Each recipe trains with its own defaults (its step budget is part of the recipe) in a process of
-its own, validating every ``--validation_steps``. Then every exported student is loaded as plain
+its own, validating every ``--validation_steps``, on ``--teacher`` (the ε UNet ``digits`` or the
+flow-matching MMDiT ``digits-sd3``). Then every exported student is loaded as plain
 diffusers loads it and sampled at ``--student_steps``, and the teacher at ``--teacher_steps`` ×
 ``--teacher_guidance_scales``, all in this one process, on the same prompts and, per sampling seed
 (``--seeds``, the protocol's 0 and 1 at 5,000 samples), the same initial noise, with the same
@@ -38,7 +40,7 @@ import torch
 
 from stepdistill import config as configs
 from stepdistill import export
-from stepdistill.assets import DIGITS_CLASSIFIER, DIGITS_TEACHER, RECIPES_DIR
+from stepdistill.assets import DIGITS_CLASSIFIER, RECIPES_DIR, SHIPPED_TEACHERS, pipeline_location, shipped_best_guidance
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
 from stepdistill.evaluation import plots, report
@@ -57,10 +59,14 @@ class BenchConfig:
     """Train every recipe on the digits teacher and score students and teacher side by side."""
 
     recipes: tuple[str, ...] = field(BENCHMARKED_RECIPES, "recipes to run, comma-separated (files in recipes/)")
+    teacher: str = field("digits", "the shipped teacher every recipe distils and the teacher rows score: digits (ε "
+                                   "UNet) or digits-sd3 (flow-matching MMDiT)", choices=tuple(SHIPPED_TEACHERS))
     output_dir: str = field("benchmarks/results", "where results.json, results.md, plots and runs/ go")
     student_steps: tuple[int, ...] = field((1, 2, 4, 8), "sampling steps every student is scored at")
-    teacher_steps: tuple[int, ...] = field((1, 2, 4, 8, 25, 50), "DDIM steps the teacher is scored at")
-    teacher_guidance_scales: tuple[float, ...] = field((1.0, 1.5), "teacher CFG scales (1.5: its best, distilled by default)")
+    teacher_steps: tuple[int, ...] = field((1, 2, 4, 8, 25, 50), "steps of its own sampler (DDIM, Euler) the teacher "
+                                                                 "is scored at")
+    teacher_guidance_scales: tuple[float, ...] | None = field(None, "teacher CFG scales (default: 1 and the teacher's "
+                                                                    "best, which the recipes distil by default)")
     num_samples: int = field(5000, "images per row (digit prompts cycle 0..9; the bars' protocol: 5,000)")
     seeds: tuple[int, ...] = field((0, 1), "sampling seeds every row is scored at (the bars' protocol: 0 and 1)")
     cache_teacher_rows: bool = field(True, "reuse teacher rows scored before on the same teacher, evaluator, samples "
@@ -70,6 +76,14 @@ class BenchConfig:
     validation_samples: int = field(1000, "images per validation")
     recipe_flags: str = field("", "more flags for every recipe, e.g. '--train_batch_size 8'")
     seed: int = field(0, "seed of every recipe's training")
+
+    def __post_init__(self) -> None:
+        if self.teacher_guidance_scales is None:
+            self.teacher_guidance_scales = (1.0, shipped_best_guidance(self.teacher))
+
+    @property
+    def teacher_path(self) -> Path:
+        return Path(pipeline_location(self.teacher))
 
     def validate(self) -> None:
         for recipe in self.recipes:
@@ -109,7 +123,8 @@ def machine() -> dict:
 
 def train_recipe(cfg: BenchConfig, recipe: str, run_dir: Path) -> dict:
     """Run ``recipes/<recipe>.py`` in its own process (its log in ``<run_dir>.log``); its ``report.json``."""
-    flags = ["--output_dir", str(run_dir), "--seed", str(cfg.seed), "--eval_num_samples", "0",
+    flags = ["--pretrained_model_name_or_path", cfg.teacher, "--output_dir", str(run_dir), "--seed", str(cfg.seed),
+             "--eval_num_samples", "0",
              "--validation_steps", str(cfg.validation_steps), "--num_validation_images", str(cfg.validation_samples)]
     if cfg.max_train_steps is not None:
         flags += ["--max_train_steps", str(cfg.max_train_steps)]
@@ -149,7 +164,8 @@ def teacher_rows(cfg: BenchConfig, prompts: list[str], scorers: report.Scorers, 
     else scored now and added there. A cached row keeps the images/s of the run that scored it."""
     cache_path = Path(cfg.output_dir) / "teacher_rows.json"
     cache = json.loads(cache_path.read_text()) if cfg.cache_teacher_rows and cache_path.is_file() else {}
-    identity = {"teacher": file_digest(DIGITS_TEACHER / "unet" / "diffusion_pytorch_model.safetensors"),
+    network = next(cfg.teacher_path / part for part in ("unet", "transformer") if (cfg.teacher_path / part).is_dir())
+    identity = {"teacher": file_digest(network / "diffusion_pytorch_model.safetensors"),
                 "evaluator": file_digest(DIGITS_CLASSIFIER), "num_samples": cfg.num_samples, "seed": seed}
 
     def key(steps: int, scale: float) -> str:
@@ -161,7 +177,7 @@ def teacher_rows(cfg: BenchConfig, prompts: list[str], scorers: report.Scorers, 
         missing = tuple(steps for steps in cfg.teacher_steps if key(steps, scale) not in cache)
         if missing:
             print(f"[bench] scoring the teacher at {missing} steps, CFG {scale:g}, seed {seed}", flush=True)
-            teacher = teacher or load_pipeline(str(DIGITS_TEACHER))
+            teacher = teacher or load_pipeline(cfg.teacher_path)
             for result in report.evaluate(teacher, "teacher", missing, (scale,), prompts, scorers, grids, seed=seed):
                 cache[key(result.num_inference_steps, scale)] = asdict(result)
         rows += [report.Result(**cache[key(steps, scale)]) for steps in cfg.teacher_steps]

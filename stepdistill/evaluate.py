@@ -31,7 +31,7 @@ from diffusers import SchedulerMixin
 
 from stepdistill import config as configs
 from stepdistill import export
-from stepdistill.assets import DIGITS_TEACHER
+from stepdistill.assets import DIGITS_TEACHER, pipeline_location
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
 from stepdistill.data.prompts import DataError, read_prompts, square_image
@@ -48,8 +48,8 @@ DEFAULT_STEPS = 50  # a pipeline's sampling steps when neither the flag nor a st
 class EvaluateConfig:
     """Sample a text-to-image pipeline and score it (FD-digits / prompt accuracy, FID, CLIP score)."""
 
-    pipeline: str = field(str(DIGITS_TEACHER), "pipeline folder, hub id, a recipe's student folder, or LoRA weights "
-                                               "(default: the shipped digits teacher)")
+    pipeline: str = field(str(DIGITS_TEACHER), "pipeline folder, hub id, a recipe's student folder, LoRA weights, or "
+                                               "a shipped teacher: digits (the default) or digits-sd3")
     pretrained_model_name_or_path: str | None = field(None, "base model of LoRA weights (default for a recipe's LoRA "
                                                             "student: the base recorded at export)")
     num_inference_steps: tuple[int, ...] | None = field(None, "sampling steps, comma-separated (e.g. 1,2,4,50; "
@@ -67,6 +67,11 @@ class EvaluateConfig:
     inception_weights: str | None = field(None, "FID Inception weights file; enables FID")
     fid_reference_dir: str | None = field(None, "folder of real images for FID")
     clip_model: str | None = field(None, "local CLIP model folder; enables CLIP score")
+
+    def __post_init__(self) -> None:
+        self.pipeline = pipeline_location(self.pipeline)
+        if self.pretrained_model_name_or_path is not None:
+            self.pretrained_model_name_or_path = pipeline_location(self.pretrained_model_name_or_path)
 
     def validate(self) -> None:
         if self.eval_num_samples < 2:

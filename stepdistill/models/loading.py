@@ -16,6 +16,8 @@ from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from transformers.utils import logging as transformers_logging
 
+from stepdistill.models.repeated_context import collapse_repeated_context
+
 
 class PipelineError(ValueError):
     """A pipeline path or id that cannot be used; the message says what to provide."""
@@ -95,7 +97,9 @@ def load_pipeline(
     torch_dtype: torch.dtype | None = None,
 ) -> DiffusionPipeline:
     """Load a text-to-image pipeline (it must have a text encoder and a UNet or transformer); over-long
-    prompts it is given are cut with one notice per run (:data:`TRUNCATION_NOTICE`), not one each."""
+    prompts it is given are cut with one notice per run (:data:`TRUNCATION_NOTICE`), not one each. An
+    SD3 transformer computes the run of zero tokens standing in for a missing T5 once, which changes
+    its output only by float rounding (:mod:`stepdistill.models.repeated_context`)."""
     name = str(name_or_path)
     require_pipeline_location(name, revision)
     if Path(name).expanduser().exists():
@@ -120,6 +124,7 @@ def load_pipeline(
             f"{name} holds a {type(pipe).__name__}, which is not a text-to-image pipeline "
             "(it needs a text encoder and a UNet or transformer)"
         )
+    collapse_repeated_context(components.get("transformer"))  # exact; SD3 without T5 pays for 1 zero token, not 256
     pipe.set_progress_bar_config(disable=True)
     for source in (type(pipe).__module__, "transformers.tokenization_utils_base"):
         logging.getLogger(source).addFilter(TRUNCATION_NOTICE)  # adding it twice keeps one

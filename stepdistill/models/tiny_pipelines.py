@@ -67,7 +67,7 @@ def write_t5_tokenizer(folder: str | Path, max_length: int = T5_MAX_LENGTH) -> T
     return tokenizer
 
 
-def _clip_text_encoder(
+def clip_text_encoder(
     tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int | None, seed: int
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A frozen 2-layer CLIP text encoder; with ``projection_dim`` the ``WithProjection`` variant."""
@@ -141,8 +141,8 @@ def build_sdxl(folder: str | Path, seed: int = 0) -> StableDiffusionXLPipeline:
     folder = Path(folder)
     tokenizer = write_tokenizer(folder / "tokenizer", CLIP_MAX_LENGTH)
     tokenizer_2 = write_tokenizer(folder / "tokenizer_2", CLIP_MAX_LENGTH)
-    text_encoder = _clip_text_encoder(tokenizer, hidden_size=8, projection_dim=None, seed=seed)
-    text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=16, projection_dim=16, seed=seed)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=8, projection_dim=None, seed=seed)
+    text_encoder_2 = clip_text_encoder(tokenizer_2, hidden_size=16, projection_dim=16, seed=seed)
     addition_time_embed_dim = 8
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -199,8 +199,8 @@ def build_sd3(folder: str | Path, seed: int = 0, with_t5: bool = False) -> Stabl
     folder = Path(folder)
     tokenizer = write_tokenizer(folder / "tokenizer", CLIP_MAX_LENGTH)
     tokenizer_2 = write_tokenizer(folder / "tokenizer_2", CLIP_MAX_LENGTH)
-    text_encoder = _clip_text_encoder(tokenizer, hidden_size=8, projection_dim=8, seed=seed)
-    text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=16, projection_dim=16, seed=seed)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=8, projection_dim=8, seed=seed)
+    text_encoder_2 = clip_text_encoder(tokenizer_2, hidden_size=16, projection_dim=16, seed=seed)
     tokenizer_3 = write_t5_tokenizer(folder / "tokenizer_3") if with_t5 else None
     text_encoder_3 = _t5_text_encoder(tokenizer_3, d_model=32, seed=seed) if with_t5 else None
     torch.manual_seed(seed)
@@ -247,7 +247,7 @@ def build_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = True) 
     folder = Path(folder)
     tokenizer = write_tokenizer(folder / "tokenizer", CLIP_MAX_LENGTH)
     tokenizer_2 = write_t5_tokenizer(folder / "tokenizer_2")
-    text_encoder = _clip_text_encoder(tokenizer, hidden_size=16, projection_dim=None, seed=seed)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=16, projection_dim=None, seed=seed)
     text_encoder_2 = _t5_text_encoder(tokenizer_2, d_model=32, seed=seed)
     latent_channels = 16
     torch.manual_seed(seed)

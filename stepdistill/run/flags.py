@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler  # any scheduler class reads any scheduler c
 from diffusers.optimization import SchedulerType
 
 from stepdistill import config as configs
-from stepdistill.assets import DIGITS_TEACHER, DIGITS_TEACHER_BEST_GUIDANCE
+from stepdistill.assets import DIGITS_TEACHER, DIGITS_TEACHER_BEST_GUIDANCE, pipeline_location, shipped_best_guidance
 from stepdistill.config import ConfigError, field
 from stepdistill.data import sources
 from stepdistill.data.cache import MANIFEST
@@ -37,7 +37,9 @@ STREAMED_DATA_DEFAULTS = {"image_column": "image", "caption_column": "text", "ce
 class TeacherDataConfig:
     """The teacher and the data it reads: the flags a recipe and ``python -m stepdistill cache`` share."""
 
-    pretrained_model_name_or_path: str = field(str(DIGITS_TEACHER), "teacher pipeline folder or hub id (default: shipped digits teacher)")
+    pretrained_model_name_or_path: str = field(str(DIGITS_TEACHER), "teacher pipeline folder or hub id, or a shipped "
+                                                                     "teacher: digits (ε UNet, the default) or "
+                                                                     "digits-sd3 (flow-matching MMDiT)")
     revision: str | None = field(None, "hub revision of the teacher")
     variant: str | None = field(None, "weight variant of the teacher, e.g. fp16")
     resolution: int | None = field(None, "image side in px (default: the teacher's own; a multiple of its VAE and "
@@ -52,6 +54,9 @@ class TeacherDataConfig:
                                       "skip is logged with its file)", choices=BAD_IMAGE_CHOICES)
     dataloader_num_workers: int = field(0, "processes reading and cropping images ahead of training (0: the main "
                                            "process)", at_least=0)
+
+    def __post_init__(self) -> None:
+        self.pretrained_model_name_or_path = pipeline_location(self.pretrained_model_name_or_path)
 
     def validate_data(self) -> None:
         """The data flags' checks that read nothing but the folder layout."""
@@ -188,6 +193,12 @@ class RunConfig(TeacherDataConfig):
                               "neither a guidance input nor unconditional training (FLUX.1-schnell); pass "
                               "--guidance_scale 1")
 
+    def resolve_defaults(self, teacher) -> None:
+        """Write the teacher's own value into the flags left at "the teacher's" (the flow σ shift, static
+        or Flux's dynamic one at --resolution), so that ``config.json`` records what the run used."""
+        if self.timestep_shift is None and teacher.process.prediction_type == "flow":
+            self.timestep_shift = teacher.process.shift
+
     def teacher_scheduler_config(self) -> dict:
         """The teacher's scheduler config, read without loading a model (for checks that need its T)."""
         try:
@@ -206,8 +217,8 @@ class RunConfig(TeacherDataConfig):
         the distilled scale."""
         if self.teacher_eval_guidance_scale is not None:
             return self.teacher_eval_guidance_scale
-        shipped = Path(self.pretrained_model_name_or_path).expanduser().resolve() == DIGITS_TEACHER
-        return DIGITS_TEACHER_BEST_GUIDANCE if shipped else self.guidance_scale
+        best = shipped_best_guidance(self.pretrained_model_name_or_path)
+        return self.guidance_scale if best is None else best
 
     @property
     def needs_real_images(self) -> bool:

@@ -95,6 +95,7 @@ def set_up(cfg: RunConfig, name: str) -> Setup | None:
     teacher = load_teacher(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.resolution,
                            cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.timestep_shift)
     cfg.validate_teacher(teacher)
+    cfg.resolve_defaults(teacher)
     teacher.pipeline.to(accelerator.device)
     if cfg.uses_digits:
         prompts, next_batch = in_memory_batches(cfg, teacher, accelerator.device)

@@ -1,10 +1,10 @@
-"""In-process 2-step smoke test of ``recipes/train_teacher.py`` (the shipped teacher's default sizes)."""
+"""In-process 2-step smoke tests of ``recipes/train_teacher.py`` (the shipped teachers' default sizes)."""
 
 import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from stepdistill.evaluation.classifier import DigitClassifier
 from stepdistill.models.loading import load_pipeline
@@ -42,4 +42,34 @@ def test_two_step_run_writes_a_loadable_teacher(train_teacher, tmp_path):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
     assert pipe.vae.config.scaling_factor == pytest.approx(log["vae_scaling_factor"])
     images = pipe(prompt=["a handwritten digit three"], num_inference_steps=1, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+    first = files_of(tmp_path)
+    again = tmp_path / "again"
+    train_teacher.main(train_teacher.TeacherConfig(output_dir=str(again), classifier_steps=2, vae_steps=2, unet_steps=2,
+                                                   batch_size=8))
+    assert files_of(again) == first  # seeded, the classifier's initialisation included
+
+
+def files_of(folder) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_the_sd3_format_trains_a_seeded_flow_teacher_that_plain_diffusers_loads(train_teacher, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = train_teacher.TeacherConfig(output_dir=str(tmp_path / name), format="sd3", transformer_steps=2, batch_size=8)
+        train_teacher.main(cfg)
+        runs.append(files_of(tmp_path / name / "teacher_sd3"))
+    assert runs[0] == runs[1] and "transformer/diffusion_pytorch_model.safetensors" in runs[0]  # seeded
+    log = json.loads((tmp_path / "a" / "train_log_sd3.json").read_text())
+    assert log["config"]["format"] == "sd3" and log["transformer_parameters"] > 3e6
+
+    # diffusers' own loader, with its own attention (the T5 parts saved as absent are passed as such)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "a" / "teacher_sd3", text_encoder_3=None, tokenizer_3=None)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    assert pipe.vae.config.shift_factor == pytest.approx(log["vae_shift_factor"])
+    assert pipe.vae.config.scaling_factor == pytest.approx(log["vae_scaling_factor"])
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt=["a handwritten digit three"], num_inference_steps=2, guidance_scale=1.5, output_type="pt").images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
