@@ -13,7 +13,7 @@ DIGITS_TEACHER_BEST_GUIDANCE = 1.5  # the shipped teacher's best 50-step DDIM FD
 # The shipped teachers by short name (--pretrained_model_name_or_path digits-sd3), and each one's
 # best 50-step classifier-free guidance scale (README, "The embedded teachers").
 SHIPPED_TEACHERS = {"digits": DIGITS_TEACHER, "digits-sd3": DIGITS_TEACHER_SD3}
-BEST_GUIDANCE = {DIGITS_TEACHER: DIGITS_TEACHER_BEST_GUIDANCE, DIGITS_TEACHER_SD3: 1.5}
+BEST_GUIDANCE = {DIGITS_TEACHER: DIGITS_TEACHER_BEST_GUIDANCE, DIGITS_TEACHER_SD3: 1.0}
 
 
 def pipeline_location(name_or_path: str) -> str:
