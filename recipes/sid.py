@@ -35,8 +35,10 @@ student's loss. The student is exported for plain diffusers like every other rec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from stepdistill import export, methods, run
+from stepdistill.assets import DIGITS_ANCESTRAL_BEST_GUIDANCE, DIGITS_TEACHER
 from stepdistill.config import field
 from stepdistill.models import networks
 
@@ -48,8 +50,9 @@ class SiDConfig(run.FakeScoreConfig):
     output_dir: str = field("outputs/sid", "where checkpoints, the student and report.json go")
     max_train_steps: int = field(400, "student updates", at_least=1)
     learning_rate: float = field(3e-5, "student AdamW learning rate", greater_than=0)
-    guidance_scale: float = field(1.25, "the teacher's CFG scale in the student loss (1.25: where the digits teacher's "
-                                        "guided scores describe its best distribution)", at_least=0)
+    guidance_scale: float | None = field(None, "the teacher's CFG scale in the student loss (default: 1.25 on the "
+                                               "digits teacher, where its guided scores describe its best "
+                                               "distribution; else the teacher's best)", at_least=0)
     critic_steps_per_generator_step: int = field(3, "fake-score updates per student update (the paper's 1 lags here)",
                                                  at_least=1)
     ema_decay: float = field(0.98, "EMA of the student weights that get exported (0: off)", at_least=0, below=1)
@@ -59,6 +62,11 @@ class SiDConfig(run.FakeScoreConfig):
                                                     "default: --guidance_scale, as SiD-LSG)", at_least=0)
     fake_guidance_scale_generator: float | None = field(None, "the fake score's CFG scale in the student loss "
                                                               "(< 0: Anti-CFG; default: --guidance_scale)")
+
+    def default_guidance_scale(self) -> float:
+        if Path(self.pretrained_model_name_or_path).resolve() == DIGITS_TEACHER:
+            return DIGITS_ANCESTRAL_BEST_GUIDANCE
+        return super().default_guidance_scale()
 
 
 def main(cfg: SiDConfig) -> None:

@@ -8,7 +8,8 @@ ASSETS_DIR = Path(__file__).resolve().parent
 DIGITS_TEACHER = ASSETS_DIR / "teacher"  # StableDiffusionPipeline: ε-prediction UNet, DDIM
 DIGITS_TEACHER_SD3 = ASSETS_DIR / "teacher_sd3"  # StableDiffusion3Pipeline: flow-matching MMDiT, Euler
 DIGITS_CLASSIFIER = ASSETS_DIR / "digits_classifier.safetensors"
-DIGITS_TEACHER_BEST_GUIDANCE = 1.5  # the shipped teacher's best 50-step DDIM FD-digits (README, "The embedded teacher")
+DIGITS_TEACHER_BEST_GUIDANCE = 1.5  # the ε teacher's best 50-step DDIM FD-digits (README, "The embedded teachers")
+DIGITS_ANCESTRAL_BEST_GUIDANCE = 1.25  # … and its best with the ancestral (DDPM) sampler
 
 # The shipped teachers by short name (--pretrained_model_name_or_path digits-sd3), and each one's
 # best 50-step classifier-free guidance scale (README, "The embedded teachers").

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler  # any scheduler class reads any scheduler c
 from diffusers.optimization import SchedulerType
 
 from stepdistill import config as configs
-from stepdistill.assets import DIGITS_TEACHER, DIGITS_TEACHER_BEST_GUIDANCE, pipeline_location, shipped_best_guidance
+from stepdistill.assets import DIGITS_TEACHER, pipeline_location, shipped_best_guidance
 from stepdistill.config import ConfigError, field
 from stepdistill.data import sources
 from stepdistill.data.cache import MANIFEST
@@ -23,6 +23,7 @@ from stepdistill.checkpoints import CheckpointError, find_checkpoint
 from stepdistill.trainer import FP16_ON_CPU
 
 
+DEFAULT_GUIDANCE_SCALE = 1.5  # the distilled CFG scale on a teacher that is not shipped (the digits teacher's best)
 PARALLELISM = {"auto": "auto", "data": "replicate", "fsdp": "shard"}  # --parallelism → the trainer's layout
 LR_SCHEDULES = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
 TRACKERS = ("auto", "none", *(t.value for t in LoggerType if t.value != "all"))
@@ -89,8 +90,9 @@ class RunConfig(TeacherDataConfig):
     random_flip: bool = field(False, "flip training images left-right at random")
     # student
     num_student_steps: int = field(1, "sampling steps of the student (1-8 typical, at most 50)", at_least=1)
-    guidance_scale: float = field(DIGITS_TEACHER_BEST_GUIDANCE, "teacher classifier-free guidance distilled into the "
-                                  "student (1.5 is the digits teacher's best)", at_least=0)
+    guidance_scale: float | None = field(None, "teacher classifier-free guidance distilled into the student (default: "
+                                               "a shipped teacher's best, 1.5 for digits, 1 for digits-sd3; 1.5 for "
+                                               "other teachers)", at_least=0)
     # optimisation
     output_dir: str = field("outputs/run", "where checkpoints, the student and report.json go")
     max_train_steps: int = field(300, "student (generator) updates", at_least=1)
@@ -137,10 +139,20 @@ class RunConfig(TeacherDataConfig):
     eval_num_samples: int = field(1000, "samples for the final FD-digits / accuracy report (digits teacher; 0: none)",
                                   at_least=0)
     teacher_eval_steps: int = field(50, "DDIM steps of the teacher row of the report (0: skip it)", at_least=0)
-    teacher_eval_guidance_scale: float | None = field(None, "CFG scale of the report's teacher row (default: the shipped "
-                                                            "teacher's best, 1.5; another teacher's --guidance_scale)",
+    teacher_eval_guidance_scale: float | None = field(None, "CFG scale of the report's teacher row (default: a shipped "
+                                                            "teacher's best; another teacher's --guidance_scale)",
                                                       at_least=0)
     dry_run: bool = field(False, "validate the flags and exit")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.guidance_scale is None:
+            self.guidance_scale = self.default_guidance_scale()
+
+    def default_guidance_scale(self) -> float:
+        """The distilled CFG scale when the flag is not given: the shipped teacher's best, else 1.5."""
+        best = shipped_best_guidance(self.pretrained_model_name_or_path)
+        return DEFAULT_GUIDANCE_SCALE if best is None else best
 
     def validate(self) -> None:
         """Every check that needs no model, run before anything is loaded: the declared ranges, then the

@@ -7,6 +7,9 @@ import json
 import pytest
 
 from stepdistill import config as configs
+from stepdistill import run
+from stepdistill.assets import DIGITS_TEACHER, DIGITS_TEACHER_SD3
+from stepdistill.run.flags import DEFAULT_GUIDANCE_SCALE
 from stepdistill.models.loading import load_pipeline
 
 
@@ -81,3 +84,12 @@ def test_the_report_compares_with_the_shipped_teachers_best_guidance(sid, tiny_p
     other = sid.SiDConfig(pretrained_model_name_or_path=str(tiny_pipeline_dir), guidance_scale=4.5)
     assert other.teacher_report_guidance_scale == 4.5  # another teacher: the distilled scale
     assert sid.SiDConfig(teacher_eval_guidance_scale=2.0).teacher_report_guidance_scale == 2.0
+
+
+def test_the_distilled_guidance_defaults_to_each_shipped_teachers_own(sid, tiny_pipeline_dir):
+    flow = sid.SiDConfig(pretrained_model_name_or_path="digits-sd3")  # the alias names the shipped folder
+    assert flow.pretrained_model_name_or_path == str(DIGITS_TEACHER_SD3)
+    assert flow.guidance_scale == 1.0 and flow.teacher_report_guidance_scale == 1.0  # its best is unguided
+    assert sid.SiDConfig(pretrained_model_name_or_path="digits").pretrained_model_name_or_path == str(DIGITS_TEACHER)
+    assert sid.SiDConfig(pretrained_model_name_or_path=str(tiny_pipeline_dir)).guidance_scale == DEFAULT_GUIDANCE_SCALE
+    assert run.RunConfig().guidance_scale == 1.5 and run.RunConfig(pretrained_model_name_or_path="digits-sd3").guidance_scale == 1.0
