@@ -79,7 +79,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.teacher_guidance_scales is None:
-            self.teacher_guidance_scales = (1.0, shipped_best_guidance(self.teacher))
+            self.teacher_guidance_scales = tuple(dict.fromkeys((1.0, shipped_best_guidance(self.teacher))))
 
     @property
     def teacher_path(self) -> Path:

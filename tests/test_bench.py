@@ -9,6 +9,7 @@ import pytest
 from notebook_runner import execute, printed
 
 from stepdistill import bench, bench_data
+from stepdistill.assets import DIGITS_TEACHER_SD3
 from stepdistill.config import ConfigError
 from stepdistill.data import digits
 from stepdistill.evaluation import report
@@ -84,6 +85,24 @@ def test_teacher_rows_are_scored_once_per_teacher_evaluator_samples_and_seed(tmp
     cfg.num_samples = 12  # other samples: scored anew
     assert [r.num_samples for r in bench.teacher_rows(cfg, digits.evaluation_prompts(12), scorers, tmp_path / "grids",
                                                       seed=0)] == [12, 12]
+
+
+def test_bench_distils_and_scores_the_flow_teacher(tmp_path):
+    cfg = bench.BenchConfig(
+        teacher="digits-sd3", recipes=("dmd2",), output_dir=str(tmp_path), max_train_steps=1, num_samples=20,
+        validation_samples=20, seeds=(0,), student_steps=(1,), teacher_steps=(2,), validation_steps=1,
+        recipe_flags=RECIPE_FLAGS,
+    )
+    assert cfg.teacher_guidance_scales == (1.0,)  # its best is CFG 1: one teacher row per step count
+    result = bench.run(cfg)
+    recorded = result["recipes"]["dmd2"]["config"]
+    assert recorded["pretrained_model_name_or_path"] == str(DIGITS_TEACHER_SD3)
+    assert (recorded["guidance_scale"], recorded["timestep_shift"]) == (1.0, 3.0)  # the teacher's own, recorded
+    assert [(r["model"], r["num_inference_steps"], r["guidance_scale"]) for r in result["results"]] == [
+        ("dmd2", 1, 1.0), ("teacher", 2, 1.0)]
+    cached = json.loads((tmp_path / "teacher_rows.json").read_text())
+    assert [json.loads(key)["teacher"] for key in cached] == [bench.file_digest(
+        DIGITS_TEACHER_SD3 / "transformer" / "diffusion_pytorch_model.safetensors")]
 
 
 @pytest.mark.parametrize(
