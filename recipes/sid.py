@@ -64,7 +64,7 @@ class SiDConfig(run.FakeScoreConfig):
                                                               "(< 0: Anti-CFG; default: --guidance_scale)")
 
     def default_guidance_scale(self) -> float:
-        if Path(self.pretrained_model_name_or_path).resolve() == DIGITS_TEACHER:
+        if Path(self.pretrained_model_name_or_path).expanduser().resolve() == DIGITS_TEACHER:
             return DIGITS_ANCESTRAL_BEST_GUIDANCE
         return super().default_guidance_scale()
 

@@ -57,7 +57,7 @@ FORMATS = ("sd", "sd3")
 
 @dataclass
 class TeacherConfig:
-    """Train the digits teacher pipeline and the digit classifier."""
+    """Train the digits ε teacher pipeline and the digit classifier, or (--format sd3) the flow-matching teacher."""
 
     output_dir: str = field("outputs/train_teacher", "folder for teacher/ and digits_classifier.safetensors "
                                                      "(--format sd3: teacher_sd3/)")
