@@ -58,6 +58,7 @@ def main(output_dir: Path, steps: int, resume: bool, layout: str) -> None:
                for role, module in (("generator", generator), ("critic", critic))}
     if accelerator.is_main_process:
         torch.save(weights, output_dir / "weights.pt")
+    accelerator.wait_for_everyone()  # as the recipes do: a process leaving the group first can abort gloo
     accelerator.end_training()
 
 
