@@ -4,6 +4,7 @@
     accelerate launch recipes/consistency.py --num_segments 1              # LCM's single trajectory end
     accelerate launch recipes/consistency.py --use_lora false --guidance_embedding true --guidance_scale_max 3  # w as input
     accelerate launch recipes/consistency.py --skipping_interval 25 --num_segments 4   # Hyper-SD's TSCD, 4 segments
+    accelerate launch recipes/consistency.py --config consistency_segments4  # ... sampled by DDIM steps (--sampler ddim)
     accelerate launch recipes/consistency.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --train_data_dir images/ --guidance_scale 4 --guidance_scale_max 16 --lora_rank 64 --mixed_precision bf16  # LCM ω = w − 1
 
@@ -55,6 +56,11 @@ class ConsistencyConfig(run.GuidanceRangeConfig):
     timestep_scaling: float = field(methods.consistency.LCM_TIMESTEP_SCALING, "s in LCM's c_skip(s·t), c_out(s·t) "
                                     "(DDPM-family teachers); exported", greater_than=0)
     eval_steps: tuple[int, ...] = field((1, 2, 4, 8), "student step counts scored in the final report", at_least=1)
+    sampler: str = field("lcm", "how the student samples (validation, report, exported scheduler): lcm — LCMScheduler, "
+                                "f's x̂0 re-noised with fresh noise at each next step (LCM's multistep sampling); ddim — "
+                                "deterministic DDIM steps (Euler on a flow teacher), Hyper-SD's sampler for segmented "
+                                "students, exact at the segment boundaries in --num_segments steps",
+                         choices=methods.consistency.SAMPLERS)
 
     @property
     def needs_real_images(self) -> bool:
@@ -74,6 +80,8 @@ class ConsistencyConfig(run.GuidanceRangeConfig):
         if not self.eval_steps:
             raise ConfigError("--eval_steps must name at least one step count")
         self._validate_grid()
+        if self.sampler == "ddim":
+            self.require_ddim_step_counts("--sampler ddim: a student step count", (self.num_student_steps, *self.eval_steps))
 
     def validate_teacher(self, teacher) -> None:
         super().validate_teacher(teacher)
@@ -93,7 +101,6 @@ class ConsistencyConfig(run.GuidanceRangeConfig):
         if most > num_solver_steps:
             raise ConfigError(f"student step counts (--num_student_steps, --eval_steps) must be ≤ the {num_solver_steps} "
                               f"solver steps of the grid (got {most})")
-
 
 def main(cfg: ConsistencyConfig) -> None:
     # 1. checked flags, the frozen teacher and its noise process, captioned real images as latents
@@ -124,8 +131,13 @@ def main(cfg: ConsistencyConfig) -> None:
         huber_c=cfg.huber_c,
         target_ema_decay=cfg.target_ema_decay,
     )
-    scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process, timestep_scaling=cfg.timestep_scaling,
-                                         original_inference_steps=len(method.grid) - 1)
+    deterministic = cfg.sampler == "ddim"
+    if deterministic:  # DDIM steps on (f, ε_f): at the segment boundaries each step is a trained jump
+        scheduler = export.ddim_scheduler(teacher.pipeline.scheduler, teacher.process)
+    else:
+        scheduler = export.student_scheduler(teacher.pipeline.scheduler, teacher.process,
+                                             timestep_scaling=cfg.timestep_scaling,
+                                             original_inference_steps=len(method.grid) - 1)
     timesteps = export.student_timesteps(scheduler, cfg.num_student_steps, teacher.backbone)
 
     # a guidance-embedded student is validated and scored at w = --guidance_scale
@@ -134,11 +146,11 @@ def main(cfg: ConsistencyConfig) -> None:
 
     # 4. train; an EMA target moves after every student update (method.after_generator_update):
     #    θ⁻ ← μ θ⁻ + (1 − μ) θ, and every checkpoint keeps it (method.state_dict)
-    validate = run.make_validator(cfg, teacher, sampled, timesteps, prompts)
+    validate = run.make_validator(cfg, teacher, sampled, timesteps, prompts, deterministic=deterministic)
     trainer = run.student_trainer(run.trainer_config(cfg), setup, nets, method, validate)
     trainer.fit()
 
-    # 5. export for plain diffusers (LCMScheduler at the boundary scaling), then score at 1–8 steps
+    # 5. export for plain diffusers (LCMScheduler at the boundary scaling, or DDIM), then score at 1–8 steps
     run.finish(cfg, setup, trainer, nets.student.network, networks.STUDENT, scheduler, sampled_guidance, cfg.eval_steps)
 
 

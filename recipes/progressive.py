@@ -74,12 +74,9 @@ class ProgressiveConfig(run.GuidanceRangeConfig):
         except ValueError:
             raise ConfigError(f"--start_steps ({self.start_steps}) must be --num_student_steps "
                               f"({self.num_student_steps}) times 2, 4, 8, …: every stage halves the steps") from None
-        scheduler = self.teacher_scheduler_config()
-        num_train_timesteps = scheduler["num_train_timesteps"]
-        if "FlowMatch" not in scheduler.get("_class_name", ""):
-            if num_train_timesteps % self.num_student_steps:
-                raise ConfigError(f"--num_student_steps {self.num_student_steps} must divide the teacher's "
-                                  f"{num_train_timesteps} timesteps: diffusers' DDIM steps by T // N")
+        self.require_ddim_step_counts("--num_student_steps", (self.num_student_steps,))
+        if not self.teacher_is_flow_matching():
+            num_train_timesteps = self.teacher_scheduler_config()["num_train_timesteps"]
             if self.start_steps > num_train_timesteps // 2:
                 raise ConfigError(f"--start_steps must be ≤ {num_train_timesteps // 2}: each stage's grid needs "
                                   "distinct integer timesteps")

@@ -1,7 +1,8 @@
 """Plain diffusers samples an exported consistency student exactly as the trainer's own sampler does.
 
 The student is f = c_skip x + c_out x̂0 (LCM's boundary condition, timestep_scaling 10); the export
-is diffusers' LCMScheduler at that scaling, on the student's solver grid.
+is diffusers' LCMScheduler at that scaling, on the student's solver grid, or (``--sampler ddim``) its
+DDIMScheduler / flow-matching Euler scheduler stepping deterministically on (f, ε_f).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ import pytest
 import torch
 
 from stepdistill import export
-from stepdistill.diffusion import process_from_scheduler
+from stepdistill.diffusion import ddim_sample, process_from_scheduler
 from stepdistill.methods.consistency import ConsistencyDenoiser
 from stepdistill.models.guidance_embedding import LCM_EMBEDDING_DIM, AtGuidanceScale
 from stepdistill.models.loading import load_pipeline
 
-from export_checks import diffusers_samples, export_and_load, perturbed_networks, trainer_samples
+from export_checks import PROMPTS, diffusers_samples, export_and_load, perturbed_networks, trainer_samples
 
 
 def perturbed_student(folder, use_lora: bool):
@@ -36,6 +37,26 @@ def test_export_samples_like_the_trainer(tiny_pipeline_dir, tmp_path, use_lora, 
     assert pipe.scheduler.config.timestep_scaling == 10.0
     assert pipe.scheduler.config.original_inference_steps == solver_steps
     torch.testing.assert_close(diffusers_samples(pipe, teacher, num_steps), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("backbone", ["sd", "sd3"])
+def test_deterministic_export_samples_like_the_trainer(backbone_dirs, tiny_pipeline_dir, tmp_path, backbone, use_lora):
+    folder = tiny_pipeline_dir if backbone == "sd" else backbone_dirs[backbone]
+    teacher, nets, student = perturbed_student(folder, use_lora)
+    scheduler = export.ddim_scheduler(teacher.pipeline.scheduler, teacher.process)
+    condition = teacher.encode_prompts(PROMPTS)
+    noise = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(1))
+    for num_steps in (1, 4):
+        timesteps = export.student_timesteps(scheduler, num_steps, teacher.backbone)
+        with torch.no_grad():
+            expected = ddim_sample(lambda x, t: student(x, t, condition), noise, timesteps, teacher.process)
+        pipe = export_and_load(teacher, folder, nets.student.network, tmp_path / f"{num_steps}", num_steps, scheduler,
+                               use_lora)
+        latents = pipe(prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=1.0, height=32, width=32,
+                       latents=teacher.backbone.to_pipeline_latents(noise), output_type="latent").images
+        torch.testing.assert_close(teacher.backbone.from_pipeline_latents(latents, teacher.latent_shape), expected,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.5])

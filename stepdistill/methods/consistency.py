@@ -25,6 +25,14 @@ on a flow teacher f = x̂0 = x_t − σ v̂ itself, whose boundary condition hol
 A full-weight student may take w as an input (LCM §4.1; :mod:`~stepdistill.models.guidance_embedding`):
 student and target then see the w the teacher step used, and one student samples at any w of the range.
 
+Sampling (``SAMPLERS``), on timesteps τ_1 > … > τ_K:
+
+* ``lcm`` (LCM Alg. 3, diffusers' ``LCMScheduler``): x ← α_{τ_{i+1}} f(x, τ_i) + σ_{τ_{i+1}} z with fresh
+  z ~ N(0, I) at each step; the last step returns f;
+* ``ddim`` (Hyper-SD's sampler for segmented students): x ← α_{τ_{i+1}} f + σ_{τ_{i+1}} ε_f, η = 0, which
+  on a segment boundary τ_{i+1} = g_b is the student's trained F; sampled in S steps at the S segment
+  starts it follows the teacher's ODE jump by jump.
+
 Target θ⁻: an EMA of the student, θ⁻ ← μ θ⁻ + (1 − μ) θ after each update (LCM: μ = 0.95), or the
 stop-gradient student itself, μ = 0 (LCM-LoRA; Song & Dhariwal 2023 found it better). Distance d:
 pseudo-Huber √((a − b)² + c²) − c per element, c = 0.001 (iCT, Song & Dhariwal 2023; the constant
@@ -45,6 +53,7 @@ from stepdistill.methods.base import Batch, Losses
 from stepdistill.models.denoiser import Denoiser, Prediction, guided
 
 LOSS_TYPES = ("huber", "l2")
+SAMPLERS = ("lcm", "ddim")  # multistep consistency sampling (fresh noise each step) or deterministic DDIM steps
 LCM_TIMESTEP_SCALING = 10.0  # LCM's s in c_skip/c_out; diffusers' LCMScheduler default
 
 

@@ -161,11 +161,9 @@ class RunConfig(TeacherDataConfig):
         if self.timestep_sampling == "uniform" and (self.logit_mean, self.logit_std) != (0.0, 1.0):
             raise ConfigError("--logit_mean and --logit_std shape --timestep_sampling logit_normal; the sampling is "
                               "uniform")
-        if self.timestep_sampling != "uniform" or self.timestep_shift is not None:
-            scheduler = self.teacher_scheduler_config().get("_class_name", "")
-            if "FlowMatch" not in scheduler:
-                raise ConfigError(f"--timestep_sampling logit_normal and --timestep_shift are for flow-matching teachers "
-                                  f"(SD3, Flux); this teacher's scheduler is {scheduler}")
+        if (self.timestep_sampling != "uniform" or self.timestep_shift is not None) and not self.teacher_is_flow_matching():
+            raise ConfigError(f"--timestep_sampling logit_normal and --timestep_shift are for flow-matching teachers "
+                              f"(SD3, Flux); this teacher's scheduler is {self.teacher_scheduler_config().get('_class_name', '')}")
         if self.num_student_steps > 50:
             raise ConfigError(f"--num_student_steps must be ≤ 50, the student scheduler's grid (got {self.num_student_steps})")
         if self.eval_num_samples == 1:
@@ -210,6 +208,22 @@ class RunConfig(TeacherDataConfig):
         or Flux's dynamic one at --resolution), so that ``config.json`` records what the run used."""
         if self.timestep_shift is None and teacher.process.prediction_type == "flow":
             self.timestep_shift = teacher.process.shift
+
+    def teacher_is_flow_matching(self) -> bool:
+        """Whether the teacher's scheduler is a flow-matching one (SD3, Flux), read off its config."""
+        return "FlowMatch" in self.teacher_scheduler_config().get("_class_name", "")
+
+    def require_ddim_step_counts(self, flag: str, counts: tuple[int, ...]) -> None:
+        """A deterministic student exported with diffusers' DDIMScheduler steps t → t − T // N, which lands
+        on DDIM's own next timestep (the trainer's sampler) only when N divides T; a flow teacher's Euler
+        scheduler takes any N."""
+        if self.teacher_is_flow_matching():
+            return
+        num_train_timesteps = self.teacher_scheduler_config()["num_train_timesteps"]
+        for count in counts:
+            if num_train_timesteps % count:
+                raise ConfigError(f"{flag} {count} must divide the teacher's {num_train_timesteps} timesteps: diffusers' "
+                                  f"DDIM steps by T // N (e.g. 1, 2, 4, 8)")
 
     def teacher_scheduler_config(self) -> dict:
         """The teacher's scheduler config, read without loading a model (for checks that need its T)."""
@@ -270,10 +284,9 @@ class CriticConfig(RunConfig):
     @property
     def last_timestep(self) -> int | None:
         """A DDPM-family teacher's last timestep (T − 1), read off its scheduler config; ``None`` on a flow."""
-        scheduler_config = self.teacher_scheduler_config()
-        if "FlowMatch" in scheduler_config.get("_class_name", ""):
+        if self.teacher_is_flow_matching():
             return None
-        return scheduler_config["num_train_timesteps"] - 1
+        return self.teacher_scheduler_config()["num_train_timesteps"] - 1
 
     @property
     def first_timestep(self) -> int:

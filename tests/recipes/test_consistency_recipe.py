@@ -73,6 +73,20 @@ def test_guidance_embedded_full_student(consistency, tiny_pipeline_dir, tmp_path
     assert [(r["guidance_scale"], r["nfe"]) for r in students] == [(1.5, 1), (1.5, 2)]  # no CFG pass: NFE = steps
 
 
+def test_deterministic_sampler_validates_exports_and_reports_with_ddim(consistency, tiny_pipeline_dir, tmp_path,
+                                                                     shipped_classifier):
+    cfg = smoke_config(consistency, tiny_pipeline_dir, tmp_path, sampler="ddim", validation_steps=2,
+                       num_validation_images=10)
+    consistency.main(cfg)
+    assert "validation/fd_digits" in read_log(tmp_path)[1]
+    scheduler = json.loads((tmp_path / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["timestep_spacing"] == "trailing"
+    assert scheduler["set_alpha_to_one"] and scheduler["prediction_type"] == "epsilon"
+    assert json.loads((tmp_path / "student" / "stepdistill_student.json").read_text())["timesteps"] == [999, 499]
+    students = [r for r in json.loads((tmp_path / "report.json").read_text())["results"] if r["model"] == "student"]
+    assert [r["num_inference_steps"] for r in students] == [1, 2]
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -92,6 +106,8 @@ def test_guidance_embedded_full_student(consistency, tiny_pipeline_dir, tmp_path
         (["--pretrained_model_name_or_path", "tests"], "not a diffusers pipeline folder"),
         (["--num_student_steps", "0"], "--num_student_steps must be ≥ 1"),
         (["--guidance_embedding", "true"], "--guidance_embedding needs --use_lora false"),
+        (["--sampler", "ddim", "--eval_steps", "1,3"], "--sampler ddim: a student step count 3 must divide the teacher's 1000 timesteps"),
+        (["--sampler", "tcd"], "--sampler must be one of lcm, ddim"),
     ],
 )
 def test_bad_flags_fail_before_loading(consistency, flags, message, capsys):
