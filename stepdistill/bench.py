@@ -40,7 +40,7 @@ import torch
 
 from stepdistill import config as configs
 from stepdistill import export
-from stepdistill.assets import DIGITS_CLASSIFIER, RECIPES_DIR, SHIPPED_TEACHERS, pipeline_location, shipped_best_guidance
+from stepdistill.assets import DIGITS_CLASSIFIER, PRESETS_DIR, RECIPES_DIR, SHIPPED_TEACHERS, pipeline_location, shipped_best_guidance
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
 from stepdistill.evaluation import plots, report
@@ -58,7 +58,8 @@ class RecipeFailed(RuntimeError):
 class BenchConfig:
     """Train every recipe on the digits teacher and score students and teacher side by side."""
 
-    recipes: tuple[str, ...] = field(BENCHMARKED_RECIPES, "recipes to run, comma-separated (files in recipes/)")
+    recipes: tuple[str, ...] = field(BENCHMARKED_RECIPES, "recipes to run, comma-separated (files in recipes/); "
+                                     "RECIPE:PRESET runs a recipe with --config PRESET, its rows named after the preset")
     teacher: str = field("digits", "the shipped teacher every recipe distils and the teacher rows score: digits (ε "
                                    "UNet) or digits-sd3 (flow-matching MMDiT)", choices=tuple(SHIPPED_TEACHERS))
     output_dir: str = field("benchmarks/results", "where results.json, results.md, plots and runs/ go")
@@ -82,14 +83,28 @@ class BenchConfig:
             self.teacher_guidance_scales = tuple(dict.fromkeys((1.0, shipped_best_guidance(self.teacher))))
 
     @property
+    def runs(self) -> dict[str, tuple[str, str | None]]:
+        """Each ``--recipes`` entry by the name its rows and run folder take: (recipe, preset or None)."""
+        runs = {}
+        for entry in self.recipes:
+            recipe, _, preset = entry.partition(":")
+            runs[preset or recipe] = (recipe, preset or None)
+        return runs
+
+    @property
     def teacher_path(self) -> Path:
         return Path(pipeline_location(self.teacher))
 
     def validate(self) -> None:
-        for recipe in self.recipes:
+        if len(self.runs) < len(self.recipes):
+            raise ConfigError(f"--recipes names a run twice ({','.join(self.recipes)}); each recipe or preset once")
+        for recipe, preset in self.runs.values():
             if not (RECIPES_DIR / f"{recipe}.py").is_file():
                 known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.py") if p.stem != "__init__"))
                 raise ConfigError(f"--recipes: no recipe {recipe!r} ({RECIPES_DIR} holds {known})")
+            if preset is not None and not (PRESETS_DIR / f"{preset}.yaml").is_file():
+                known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+                raise ConfigError(f"--recipes: no preset {preset!r} ({PRESETS_DIR} holds {known})")
         if self.num_samples < 2 or self.validation_samples < 2:
             raise ConfigError("--num_samples and --validation_samples must be ≥ 2, as Fréchet distances need two "
                               f"samples (got {self.num_samples}, {self.validation_samples})")
@@ -121,22 +136,23 @@ def machine() -> dict:
     }
 
 
-def train_recipe(cfg: BenchConfig, recipe: str, run_dir: Path) -> dict:
-    """Run ``recipes/<recipe>.py`` in its own process (its log in ``<run_dir>.log``); its ``report.json``."""
-    flags = ["--pretrained_model_name_or_path", cfg.teacher, "--output_dir", str(run_dir), "--seed", str(cfg.seed),
+def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Path) -> dict:
+    """Run ``recipes/<recipe>.py`` (from ``preset`` when given) in its own process (its log in
+    ``<run_dir>.log``); its ``report.json``."""
+    flags = [*(("--config", preset) if preset else ()), "--pretrained_model_name_or_path", cfg.teacher, "--output_dir", str(run_dir), "--seed", str(cfg.seed),
              "--eval_num_samples", "0",
              "--validation_steps", str(cfg.validation_steps), "--num_validation_images", str(cfg.validation_samples)]
     if cfg.max_train_steps is not None:
         flags += ["--max_train_steps", str(cfg.max_train_steps)]
     command = [sys.executable, str(RECIPES_DIR / f"{recipe}.py"), *flags, *shlex.split(cfg.recipe_flags)]
     log_path = run_dir.with_suffix(".log")
-    print(f"[bench] training {recipe}: {' '.join(command[1:])}  (log: {log_path})", flush=True)
+    print(f"[bench] training {run_dir.name}: {' '.join(command[1:])}  (log: {log_path})", flush=True)
     began = time.perf_counter()
     with log_path.open("w") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if finished.returncode != 0:
         tail = log_path.read_text().replace("\r", "\n").strip().splitlines()[-5:]
-        raise RecipeFailed(f"recipe {recipe} failed (exit {finished.returncode}); the end of {log_path}:\n" + "\n".join(tail))
+        raise RecipeFailed(f"recipe {run_dir.name} failed (exit {finished.returncode}); the end of {log_path}:\n" + "\n".join(tail))
     outcome = json.loads((run_dir / "report.json").read_text())
     outcome["wall_seconds"] = time.perf_counter() - began  # process start to end: loading, validation, export
     return outcome
@@ -245,7 +261,7 @@ def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
     output_dir = Path(cfg.output_dir)
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
     # 1. train every recipe, each in its own process (clean timings and peak memory)
-    runs = {recipe: train_recipe(cfg, recipe, output_dir / "runs" / recipe) for recipe in cfg.recipes}
+    runs = {name: train_recipe(cfg, recipe, preset, output_dir / "runs" / name) for name, (recipe, preset) in cfg.runs.items()}
 
     # 2. score every student and the teacher, at every seed on the same prompts, noise and evaluator
     prompts = digits.evaluation_prompts(cfg.num_samples)
@@ -253,10 +269,10 @@ def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
     grids = output_dir / "grids"
     results: list[report.Result] = []
     for seed in cfg.seeds:
-        for recipe in cfg.recipes:
-            print(f"[bench] scoring {recipe} at {cfg.student_steps} steps, seed {seed}", flush=True)
-            student, guidance_scale = export.load_student(output_dir / "runs" / recipe / "student")
-            results += report.evaluate(student, recipe, cfg.student_steps, (guidance_scale,), prompts, scorers, grids,
+        for name in cfg.runs:
+            print(f"[bench] scoring {name} at {cfg.student_steps} steps, seed {seed}", flush=True)
+            student, guidance_scale = export.load_student(output_dir / "runs" / name / "student")
+            results += report.evaluate(student, name, cfg.student_steps, (guidance_scale,), prompts, scorers, grids,
                                        seed=seed)
         results += teacher_rows(cfg, prompts, scorers, grids, seed)
 

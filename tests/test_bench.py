@@ -89,7 +89,7 @@ def test_teacher_rows_are_scored_once_per_teacher_evaluator_samples_and_seed(tmp
 
 def test_bench_distils_and_scores_the_flow_teacher(tmp_path):
     cfg = bench.BenchConfig(
-        teacher="digits-sd3", recipes=("dmd2",), output_dir=str(tmp_path), max_train_steps=1, num_samples=20,
+        teacher="digits-sd3", recipes=("dmd2", "sid:sid_sd3"), output_dir=str(tmp_path), max_train_steps=1, num_samples=20,
         validation_samples=20, seeds=(0,), student_steps=(1,), teacher_steps=(2,), validation_steps=1,
         recipe_flags=RECIPE_FLAGS,
     )
@@ -98,8 +98,10 @@ def test_bench_distils_and_scores_the_flow_teacher(tmp_path):
     recorded = result["recipes"]["dmd2"]["config"]
     assert recorded["pretrained_model_name_or_path"] == str(DIGITS_TEACHER_SD3)
     assert (recorded["guidance_scale"], recorded["timestep_shift"]) == (1.0, 3.0)  # the teacher's own, recorded
+    from_preset = result["recipes"]["sid_sd3"]["config"]  # a RECIPE:PRESET entry trains from the preset
+    assert (from_preset["timestep_shift"], from_preset["pretrained_model_name_or_path"]) == (1.0, str(DIGITS_TEACHER_SD3))
     assert [(r["model"], r["num_inference_steps"], r["guidance_scale"]) for r in result["results"]] == [
-        ("dmd2", 1, 1.0), ("teacher", 2, 1.0)]
+        ("dmd2", 1, 1.0), ("sid_sd3", 1, 1.0), ("teacher", 2, 1.0)]
     cached = json.loads((tmp_path / "teacher_rows.json").read_text())
     assert [json.loads(key)["teacher"] for key in cached] == [bench.file_digest(
         DIGITS_TEACHER_SD3 / "transformer" / "diffusion_pytorch_model.safetensors")]
@@ -109,6 +111,8 @@ def test_bench_distils_and_scores_the_flow_teacher(tmp_path):
     "changes, message",
     [
         ({"recipes": ("dmd3",)}, "no recipe 'dmd3'"),
+        ({"recipes": ("sid:sid_5step",)}, "no preset 'sid_5step'"),
+        ({"recipes": ("sid", "sid")}, "--recipes names a run twice"),
         ({"num_samples": 1}, "--num_samples and --validation_samples must be ≥ 2"),
         ({"seeds": ()}, "--seeds needs at least one seed"),
         ({"student_steps": (0, 1)}, "--student_steps must be ≥ 1"),
