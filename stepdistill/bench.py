@@ -3,11 +3,13 @@
     python -m stepdistill bench                       # the README's Results (1.5 hours on 2 CPU cores; less
                                                       # once the teacher's rows are cached)
     python -m stepdistill bench --teacher digits-sd3 --output_dir benchmarks/results_sd3   # the flow teacher
+    python -m stepdistill bench --recipes dmd2,dmd2:dmd2_cfg125   # a preset beside the default, named after it
     python -m stepdistill bench --recipes dmd2 --max_train_steps 2 --num_samples 20 --seeds 0 --teacher_steps 1,50
 
-Each recipe trains with its own defaults (its step budget is part of the recipe) in a process of
-its own, validating every ``--validation_steps``, on ``--teacher`` (the ε UNet ``digits`` or the
-flow-matching MMDiT ``digits-sd3``). Then every exported student is loaded as plain
+Each recipe trains with its own defaults (its step budget is part of the recipe), or a shipped
+preset's (``RECIPE:PRESET``), in a process of its own, validating every ``--validation_steps``, on
+``--teacher`` (the ε UNet ``digits`` or the flow-matching MMDiT ``digits-sd3``; it overrides the
+preset's teacher). Then every exported student is loaded as plain
 diffusers loads it and sampled at ``--student_steps``, and the teacher at ``--teacher_steps`` ×
 ``--teacher_guidance_scales``, all in this one process, on the same prompts and, per sampling seed
 (``--seeds``, the protocol's 0 and 1 at 5,000 samples), the same initial noise, with the same
