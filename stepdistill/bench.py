@@ -42,7 +42,8 @@ import torch
 
 from stepdistill import config as configs
 from stepdistill import export
-from stepdistill.assets import DIGITS_CLASSIFIER, PRESETS_DIR, RECIPES_DIR, SHIPPED_TEACHERS, pipeline_location, shipped_best_guidance
+from stepdistill.assets import (DIGITS_CLASSIFIER, RECIPES_DIR, SHIPPED_TEACHERS, pipeline_location, recipe_presets,
+                                shipped_best_guidance)
 from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
 from stepdistill.evaluation import plots, report
@@ -104,9 +105,9 @@ class BenchConfig:
             if not (RECIPES_DIR / f"{recipe}.py").is_file():
                 known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.py") if p.stem != "__init__"))
                 raise ConfigError(f"--recipes: no recipe {recipe!r} ({RECIPES_DIR} holds {known})")
-            if preset is not None and not (PRESETS_DIR / f"{preset}.yaml").is_file():
-                known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-                raise ConfigError(f"--recipes: no preset {preset!r} ({PRESETS_DIR} holds {known})")
+            if preset is not None and preset not in recipe_presets(recipe):
+                raise ConfigError(f"--recipes: {recipe} has no preset {preset!r} (its presets: "
+                                  f"{', '.join(recipe_presets(recipe)) or 'none'})")
         if self.num_samples < 2 or self.validation_samples < 2:
             raise ConfigError("--num_samples and --validation_samples must be ≥ 2, as Fréchet distances need two "
                               f"samples (got {self.num_samples}, {self.validation_samples})")

@@ -111,7 +111,8 @@ def test_bench_distils_and_scores_the_flow_teacher(tmp_path):
     "changes, message",
     [
         ({"recipes": ("dmd3",)}, "no recipe 'dmd3'"),
-        ({"recipes": ("sid:sid_5step",)}, "no preset 'sid_5step'"),
+        ({"recipes": ("sid:sid_5step",)}, "sid has no preset 'sid_5step' \\(its presets: sid_4step, sid_gan, sid_sd3\\)"),
+        ({"recipes": ("sid:dmd2_4step",)}, "sid has no preset 'dmd2_4step'"),
         ({"recipes": ("sid", "sid")}, "--recipes names a run twice"),
         ({"num_samples": 1}, "--num_samples and --validation_samples must be ≥ 2"),
         ({"seeds": ()}, "--seeds needs at least one seed"),

@@ -32,3 +32,8 @@ def shipped_best_guidance(name_or_path: str) -> float | None:
 _INSTALLED_RECIPES = ASSETS_DIR.parent / "recipes"
 RECIPES_DIR = _INSTALLED_RECIPES if _INSTALLED_RECIPES.is_dir() else ASSETS_DIR.parents[1] / "recipes"
 PRESETS_DIR = RECIPES_DIR / "configs"  # tuned settings as YAML, for --config NAME
+
+
+def recipe_presets(recipe: str) -> dict[str, Path]:
+    """A recipe's own presets by name: ``recipes/configs/<recipe>_*.yaml``."""
+    return {path.stem: path for path in sorted(PRESETS_DIR.glob(f"{recipe}_*.yaml"))}

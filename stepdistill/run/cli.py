@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stepdistill import config as configs
-from stepdistill.assets import PRESETS_DIR
+from stepdistill.assets import recipe_presets
 from stepdistill.checkpoints import CheckpointError, DiskSpaceError
 from stepdistill.config import ConfigError
 from stepdistill.data.prompts import DataError
@@ -27,8 +27,7 @@ def command_line(config_cls: type, main: Callable, prog: str) -> None:
     what the run meets later), and so does a diverged run. Ctrl-C ends with a line saying how to
     resume (exit status 130)."""
     recipe = Path(prog).stem
-    presets = {path.stem: path for path in PRESETS_DIR.glob(f"{recipe}_*.yaml")}  # this recipe's own
-    cfg = configs.parse(config_cls, prog=prog, presets=presets)
+    cfg = configs.parse(config_cls, prog=prog, presets=recipe_presets(recipe))
     try:
         main(cfg)
     except (PipelineError, ConfigError, DataError) as error:

@@ -42,7 +42,7 @@ def test_a_preset_loads_by_name_into_its_recipe_and_validates(preset, request, t
 
 def test_a_recipe_offers_its_own_presets_only(sid, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["recipes/sid.py", "--config", "dmd2_4step", "--dry_run"])
-    with pytest.raises(SystemExit, match="--config dmd2_4step does not exist and is not a preset \\(sid_4step, sid_sd3\\)"):
+    with pytest.raises(SystemExit, match="--config dmd2_4step does not exist and is not a preset \\(sid_4step, sid_gan, sid_sd3\\)"):
         sid.run.command_line(sid.SiDConfig, sid.main, prog="recipes/sid.py")
     monkeypatch.setattr("sys.argv", ["recipes/sid.py", "--config", "sid_4step", "--dry_run"])
     sid.run.command_line(sid.SiDConfig, sid.main, prog="recipes/sid.py")
