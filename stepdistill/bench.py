@@ -142,7 +142,8 @@ def machine() -> dict:
 def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Path) -> dict:
     """Run ``recipes/<recipe>.py`` (from ``preset`` when given) in its own process (its log in
     ``<run_dir>.log``); its ``report.json``."""
-    flags = [*(("--config", preset) if preset else ()), "--pretrained_model_name_or_path", cfg.teacher, "--output_dir", str(run_dir), "--seed", str(cfg.seed),
+    flags = [*(("--config", preset) if preset else ()),
+             "--pretrained_model_name_or_path", cfg.teacher, "--output_dir", str(run_dir), "--seed", str(cfg.seed),
              "--eval_num_samples", "0",
              "--validation_steps", str(cfg.validation_steps), "--num_validation_images", str(cfg.validation_samples)]
     if cfg.max_train_steps is not None:
@@ -264,7 +265,8 @@ def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
     output_dir = Path(cfg.output_dir)
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
     # 1. train every recipe, each in its own process (clean timings and peak memory)
-    runs = {name: train_recipe(cfg, recipe, preset, output_dir / "runs" / name) for name, (recipe, preset) in cfg.runs.items()}
+    runs = {name: train_recipe(cfg, recipe, preset, output_dir / "runs" / name)
+            for name, (recipe, preset) in cfg.runs.items()}
 
     # 2. score every student and the teacher, at every seed on the same prompts, noise and evaluator
     prompts = digits.evaluation_prompts(cfg.num_samples)
