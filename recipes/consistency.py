@@ -59,8 +59,8 @@ class ConsistencyConfig(run.GuidanceRangeConfig):
     sampler: str = field("lcm", "how the student samples (validation, report, exported scheduler): lcm — LCMScheduler, "
                                 "f's x̂0 re-noised with fresh noise at each next step (LCM's multistep sampling); ddim — "
                                 "deterministic DDIM steps (Euler on a flow teacher), Hyper-SD's sampler for segmented "
-                                "students, landing on the segment starts in --num_segments steps (e.g. 4 with --skipping_interval "
-                                "25; on Flux too, not on SD3, whose few-step σ's differ)",
+                                "students, landing on the segment starts in --num_segments steps (e.g. 4 with "
+                                "--skipping_interval 25; on Flux too, not on SD3, whose few-step σ's differ)",
                          choices=methods.consistency.SAMPLERS)
 
     @property

@@ -156,7 +156,8 @@ def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Pat
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if finished.returncode != 0:
         tail = log_path.read_text().replace("\r", "\n").strip().splitlines()[-5:]
-        raise RecipeFailed(f"recipe {run_dir.name} failed (exit {finished.returncode}); the end of {log_path}:\n" + "\n".join(tail))
+        raise RecipeFailed(f"recipe {run_dir.name} failed (exit {finished.returncode}); the end of {log_path}:\n"
+                           + "\n".join(tail))
     outcome = json.loads((run_dir / "report.json").read_text())
     outcome["wall_seconds"] = time.perf_counter() - began  # process start to end: loading, validation, export
     return outcome
