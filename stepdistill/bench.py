@@ -5,11 +5,13 @@
     python -m stepdistill bench --teacher digits-sd3 --output_dir benchmarks/results_sd3   # the flow teacher
     python -m stepdistill bench --recipes dmd2,dmd2:dmd2_cfg125   # a preset beside the default, named after it
     python -m stepdistill bench --recipes dmd2 --max_train_steps 2 --num_samples 20 --seeds 0 --teacher_steps 1,50
+    python -m stepdistill bench --jobs 2 --recipe_flags '--num_threads 1' --reuse_runs true   # two at a time; resume
 
 Each recipe trains with its own defaults (its step budget is part of the recipe), or a shipped
-preset's (``RECIPE:PRESET``), in a process of its own, validating every ``--validation_steps``, on
-``--teacher`` (the ε UNet ``digits`` or the flow-matching MMDiT ``digits-sd3``; it overrides the
-preset's teacher). Then every exported student is loaded as plain
+preset's (``RECIPE:PRESET``), in a process of its own (``--jobs`` of them at once), validating every
+``--validation_steps``, on ``--teacher`` (the ε UNet ``digits`` or the flow-matching MMDiT
+``digits-sd3``; it overrides the preset's teacher); ``--reuse_runs`` keeps the runs that finished
+before with the same flags. Then every exported student is loaded as plain
 diffusers loads it and sampled at ``--student_steps``, and the teacher at ``--teacher_steps`` ×
 ``--teacher_guidance_scales``, all in this one process, on the same prompts and, per sampling seed
 (``--seeds``, the protocol's 0 and 1 at 5,000 samples), the same initial noise, with the same
@@ -34,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,6 +82,11 @@ class BenchConfig:
     validation_steps: int = field(50, "validate every recipe every N steps (the FD-against-time curve)")
     validation_samples: int = field(1000, "images per validation")
     recipe_flags: str = field("", "more flags for every recipe, e.g. '--train_batch_size 8'")
+    jobs: int = field(1, "recipes trained at once, each in its own process (split the cores with --recipe_flags "
+                         "'--num_threads N'); the training times are then measured side by side")
+    reuse_runs: bool = field(False, "keep a run of <output_dir>/runs/ that finished before with the same recipe and "
+                                    "flags instead of training it again (a bench stopped while scoring resumes there); "
+                                    "it keeps the training time it recorded")
     seed: int = field(0, "seed of every recipe's training")
 
     def __post_init__(self) -> None:
@@ -120,6 +128,8 @@ class BenchConfig:
             raise ConfigError(f"--teacher_guidance_scales must be ≥ 0 (got {self.teacher_guidance_scales})")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be ≥ 1 (got {self.max_train_steps})")
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs must be ≥ 1 (got {self.jobs})")
         if self.validation_steps < 0:
             raise ConfigError(f"--validation_steps must be ≥ 0 (got {self.validation_steps})")
         configs.require_writable_dir(self.output_dir, "--output_dir")
@@ -141,14 +151,25 @@ def machine() -> dict:
 
 def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Path) -> dict:
     """Run ``recipes/<recipe>.py`` (from ``preset`` when given) in its own process (its log in
-    ``<run_dir>.log``); its ``report.json``."""
+    ``<run_dir>.log``); its ``report.json`` and the process's wall-clock seconds. With
+    ``--reuse_runs``, a run that finished with the same recipe and flags (``<run_dir>/bench_run.json``)
+    is kept as it is."""
     flags = [*(("--config", preset) if preset else ()),
              "--pretrained_model_name_or_path", cfg.teacher, "--output_dir", str(run_dir), "--seed", str(cfg.seed),
              "--eval_num_samples", "0",
              "--validation_steps", str(cfg.validation_steps), "--num_validation_images", str(cfg.validation_samples)]
     if cfg.max_train_steps is not None:
         flags += ["--max_train_steps", str(cfg.max_train_steps)]
-    command = [sys.executable, str(RECIPES_DIR / f"{recipe}.py"), *flags, *shlex.split(cfg.recipe_flags)]
+    flags += shlex.split(cfg.recipe_flags)
+    record_path = run_dir / "bench_run.json"
+    if cfg.reuse_runs and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if (record["recipe"], record["flags"]) == (recipe, flags):
+            print(f"[bench] reusing {run_dir} (trained {record['finished']} with the same flags)", flush=True)
+            return {**json.loads((run_dir / "report.json").read_text()), "wall_seconds": record["wall_seconds"],
+                    "finished": record["finished"]}
+    record_path.unlink(missing_ok=True)  # the run folder is about to change
+    command = [sys.executable, str(RECIPES_DIR / f"{recipe}.py"), *flags]
     log_path = run_dir.with_suffix(".log")
     print(f"[bench] training {run_dir.name}: {' '.join(command[1:])}  (log: {log_path})", flush=True)
     began = time.perf_counter()
@@ -158,9 +179,21 @@ def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Pat
         tail = log_path.read_text().replace("\r", "\n").strip().splitlines()[-5:]
         raise RecipeFailed(f"recipe {run_dir.name} failed (exit {finished.returncode}); the end of {log_path}:\n"
                            + "\n".join(tail))
-    outcome = json.loads((run_dir / "report.json").read_text())
-    outcome["wall_seconds"] = time.perf_counter() - began  # process start to end: loading, validation, export
-    return outcome
+    wall_seconds = time.perf_counter() - began  # process start to end: loading, validation, export
+    record = {"recipe": recipe, "flags": flags, "wall_seconds": wall_seconds,
+              "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    partial = record_path.with_suffix(".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(record_path)  # written whole or not at all: a run without it is trained again
+    return {**json.loads((run_dir / "report.json").read_text()), "wall_seconds": wall_seconds,
+            "finished": record["finished"]}
+
+
+def train_all(cfg: BenchConfig, runs_dir: Path) -> dict[str, dict]:
+    """Every run of ``--recipes`` trained (``--jobs`` at a time), by name, in the order given."""
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        outcomes = pool.map(lambda item: train_recipe(cfg, *item[1], runs_dir / item[0]), cfg.runs.items())
+        return dict(zip(cfg.runs, outcomes))
 
 
 def _ratio_rows(results: list[report.Result], references: dict[int, report.Result]) -> list[dict]:
@@ -259,15 +292,17 @@ def markdown(summary: dict) -> str:
             f"{training['peak_memory_bytes'] / 2**30:.2f} | "
             + (f"{best[2]:.3f} ({best[0]}) |" if best else "– |")
         )
+    jobs = summary["config"].get("jobs", 1)
+    if jobs > 1:
+        lines += ["", f"Trained {jobs} recipes at a time: the training times were measured side by side."]
     return "\n".join(lines) + "\n"
 
 
 def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
     output_dir = Path(cfg.output_dir)
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
-    # 1. train every recipe, each in its own process (clean timings and peak memory)
-    runs = {name: train_recipe(cfg, recipe, preset, output_dir / "runs" / name)
-            for name, (recipe, preset) in cfg.runs.items()}
+    # 1. train every recipe, each in its own process (its own timings and peak memory)
+    runs = train_all(cfg, output_dir / "runs")
 
     # 2. score every student and the teacher, at every seed on the same prompts, noise and evaluator
     prompts = digits.evaluation_prompts(cfg.num_samples)
@@ -293,7 +328,8 @@ def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
         "references": {str(seed): asdict(row) for seed, row in references.items()},
         "results": _ratio_rows(results, references),
         "recipes": {
-            recipe: {"training": outcome["training"], "wall_seconds": outcome["wall_seconds"], "config": outcome["config"],
+            recipe: {"training": outcome["training"], "wall_seconds": outcome["wall_seconds"],
+                     "finished": outcome["finished"], "config": outcome["config"],
                      "validation_curve": plots.validation_curve(output_dir / "runs" / recipe / "train_log.jsonl")}
             for recipe, outcome in runs.items()
         },

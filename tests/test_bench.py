@@ -18,14 +18,18 @@ from stepdistill.evaluation.digits_metrics import DigitsEvaluator
 RECIPE_FLAGS = "--train_batch_size 4 --num_threads 1"
 
 
+def tiny_bench(output_dir, **changes) -> bench.BenchConfig:
+    """Every recipe for one step, trained two at a time, scored on 20 samples at two seeds."""
+    return bench.BenchConfig(**{
+        "output_dir": str(output_dir), "max_train_steps": 1, "num_samples": 20, "validation_samples": 20,
+        "seeds": (0, 1), "student_steps": (1, 2), "teacher_steps": (1, 2), "teacher_guidance_scales": (1.5,),
+        "validation_steps": 1, "recipe_flags": RECIPE_FLAGS, "jobs": 2, **changes})
+
+
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("bench")
-    cfg = bench.BenchConfig(
-        output_dir=str(output_dir), max_train_steps=1, num_samples=20, validation_samples=20, seeds=(0, 1),
-        student_steps=(1, 2), teacher_steps=(1, 2), teacher_guidance_scales=(1.5,), validation_steps=1,
-        recipe_flags=RECIPE_FLAGS,
-    )
+    cfg = tiny_bench(output_dir)
     cfg.validate()
     return bench.run(cfg), output_dir
 
@@ -56,8 +60,29 @@ def test_bench_trains_every_recipe_and_scores_side_by_side(summary):
     assert all(f"| {name} | 1 |" in table for name in bench.BENCHMARKED_RECIPES)
     assert "| train copies |" in table and f"| {rows[('dmd2', 1, 0)]['train_copy_share']:.3f} |" in table
     assert f"| {rows[('dmd2', 1, 0)]['fd_digits']:.3f} / {rows[('dmd2', 1, 1)]['fd_digits']:.3f} |" in table
+    assert "Trained 2 recipes at a time" in table
     for name in ("fd_vs_sampling_steps.png", "fd_vs_training_time.png", "grids.png"):
         assert (output_dir / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_reuse_runs_keeps_a_run_finished_with_the_same_flags_and_retrains_any_other(summary, monkeypatch):
+    result, output_dir = summary
+
+    def training(*args, **kwargs):
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(bench.subprocess, "run", training)
+    run_dir = output_dir / "runs" / "sid"
+    kept = bench.train_recipe(tiny_bench(output_dir, reuse_runs=True), "sid", None, run_dir)
+    assert kept["training"] == result["recipes"]["sid"]["training"]
+    assert (kept["wall_seconds"], kept["finished"]) == (result["recipes"]["sid"]["wall_seconds"],
+                                                        result["recipes"]["sid"]["finished"])
+    with pytest.raises(RuntimeError, match="trained again"):  # reuse is asked for
+        bench.train_recipe(tiny_bench(output_dir), "sid", None, run_dir)
+    with pytest.raises(RuntimeError, match="trained again"):  # other flags: other run
+        bench.train_recipe(tiny_bench(output_dir, reuse_runs=True, seed=1), "dmd2", None, output_dir / "runs" / "dmd2")
+    assert not (output_dir / "runs" / "dmd2" / "bench_run.json").exists()  # its folder no longer holds that run
 
 
 @pytest.mark.slow
@@ -118,6 +143,7 @@ def test_bench_distils_and_scores_the_flow_teacher(tmp_path):
         ({"seeds": ()}, "--seeds needs at least one seed"),
         ({"student_steps": (0, 1)}, "--student_steps must be ≥ 1"),
         ({"max_train_steps": 0}, "--max_train_steps must be ≥ 1"),
+        ({"jobs": 0}, "--jobs must be ≥ 1"),
     ],
 )
 def test_bench_refuses_bad_input(changes, message, tmp_path):
