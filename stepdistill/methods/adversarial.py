@@ -31,12 +31,11 @@ from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess
 from stepdistill.methods import adversarial_losses
 from stepdistill.methods.base import Batch, Losses
+from stepdistill.models.discriminator import FeatureFunction
 from stepdistill.models.networks import Networks
 
 VARIANTS = ("ladd", "add")
 R1_KINDS = ("approximate", "exact")
-
-from stepdistill.models.discriminator import FeatureFunction
 
 
 @dataclass
