@@ -61,6 +61,9 @@ class AddConfig(run.CriticConfig):
     discriminator_logit_mean: float = field(0.0, "ladd: m of t̂ = T·sigmoid(m + s z) (m > 0: biased to high noise, "
                                                  "LADD's choice at 1024 px; 0 measured better on the digits)")
     discriminator_logit_std: float = field(1.0, "ladd: s of t̂'s logit-normal draw", greater_than=0)
+    discriminator_per_location: bool = field(False, "a logit per location of every head's feature map (a patch "
+                                                    "discriminator; the losses average them) instead of one per "
+                                                    "image")
     feature_network: str = field("vae", "add: the pixel feature network: vae (the teacher's VAE encoder, offline) "
                                         "or a local transformers vision model folder (e.g. DINOv2)")
 
@@ -116,7 +119,8 @@ def main(cfg: AddConfig) -> None:
     with torch.no_grad():
         probe = features(torch.zeros(1, *teacher.latent_shape, device=setup.accelerator.device),
                          torch.full((1,), 500.0, device=setup.accelerator.device), unconditional)
-    discriminator = Discriminator.for_features(probe, teacher.backbone.pooled(unconditional).shape[-1])
+    discriminator = Discriminator.for_features(probe, teacher.backbone.pooled(unconditional).shape[-1],
+                                               per_location=cfg.discriminator_per_location)
     nets = networks.Networks(nets.teacher, nets.student, None, discriminator.to(setup.accelerator.device))
 
     # 4. the method, on the student's timesteps read off the exported scheduler

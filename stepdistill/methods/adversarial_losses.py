@@ -10,7 +10,9 @@ R1 (Mescheder et al., "Which Training Methods for GANs do actually Converge?", 2
 critic's gradient on real inputs, E‖∇ₓD(x)‖², by a double backward. The approximate R1 of recent work
 (e.g. SANA-Sprint's) needs no double backward, and so works where that is unavailable (sharded or
 fused kernels): E(D(x + σε) − D(x))² with ε ~ N(0, I), which for small σ is σ² E(∇ₓD·ε)² = σ² E‖∇ₓD(x)‖²,
-R1 times σ².
+R1 times σ². A discriminator with a logit per location (a patch discriminator) gives a logit map: the
+losses average over it, the exact R1 is that of the logits' sum, the approximate one the mean of
+each location's.
 """
 
 from __future__ import annotations

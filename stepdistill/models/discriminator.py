@@ -4,12 +4,15 @@ conditioned on the prompt and the noise level; and ADD's extractor of a pixel ne
 
 A head reads one layer's feature map ``(B, C, h, w)`` (a UNet block's output, a transformer block's
 image tokens as a grid; :meth:`~stepdistill.models.backbones.Backbone.features`) and gives a logit
-per image; the discriminator's logit is the mean of its heads'. A conditioned head is a projection
+per image, from its hidden map pooled over the locations, and the discriminator's logit is the mean
+of its heads'; or, ``per_location``, a logit per location of every head (a patch discriminator, as
+the projected-GAN heads LADD builds on: the losses average over all of them, so each location of
+each map must look real on its own), ``(B, Σ h·w)``. A conditioned head is a projection
 discriminator (Miyato & Koyama, "cGANs with Projection Discriminator", 2018): with h the head's
-pooled hidden vector and c an embedding of the pooled prompt embedding plus a sinusoidal embedding
-of the noise level t, logit = w·h + b + c·h, so the prompt and the noise level change every logit
-(LADD §3.2 conditions its heads on both; DMD2's single head on the fake score's middle block takes
-neither).
+hidden vector (pooled, or at one location) and c an embedding of the pooled prompt embedding plus
+a sinusoidal embedding of the noise level t, logit = w·h + b + c·h, so the prompt and the noise
+level change every logit (LADD §3.2 conditions its heads on both; DMD2's single head on the fake
+score's middle block takes neither).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ FeatureFunction = Callable[[torch.Tensor, torch.Tensor, Condition], dict[str, to
 
 class DiscriminatorHead(nn.Module):
     """A feature map ``(B, C, h, w)`` → ``(logit (B,), pooled hidden (B, hidden))``: GroupNorm, SiLU,
-    3×3 convolution, SiLU, global average pool, linear."""
+    3×3 convolution, SiLU, global average pool, linear; ``per_location``, the same layers without the
+    pool: ``(logits (B, h·w), hidden (B, h·w, hidden))``."""
 
-    def __init__(self, channels: int, hidden: int = 128) -> None:
+    def __init__(self, channels: int, hidden: int = 128, per_location: bool = False) -> None:
         super().__init__()
         groups = 32 if channels % 32 == 0 else 8 if channels % 8 == 0 else 1
         self.layers = nn.Sequential(
@@ -40,12 +44,17 @@ class DiscriminatorHead(nn.Module):
             nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1),
         )
+        self.per_location = per_location
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """In the head's own precision: fp32 weights read bf16 features in fp32; weights a sharded run
         computes in bf16 read them in bf16."""
-        hidden = self.layers[:-1](features.to(self.layers[0].weight.dtype))
-        return self.layers[-1](hidden).squeeze(1), hidden
+        features = features.to(self.layers[0].weight.dtype)
+        if self.per_location:
+            hidden = self.layers[:4](features).flatten(2).transpose(1, 2)
+        else:
+            hidden = self.layers[:-1](features)
+        return self.layers[-1](hidden).squeeze(-1), hidden
 
 
 def noise_level_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -60,12 +69,15 @@ class Discriminator(nn.Module):
     """Heads on the feature layers ``channels`` names (layer → channels); with ``condition_dim`` each
     head is conditioned on a pooled prompt embedding of that size and on the noise level.
 
-    ``discriminator(features, pooled=None, t=None)`` → logits ``(B,)``, the mean over heads."""
+    ``discriminator(features, pooled=None, t=None)`` → logits ``(B,)``, the mean over heads; with
+    ``per_location``, ``(B, L)``: every head's logit at each of its locations."""
 
-    def __init__(self, channels: dict[str, int], condition_dim: int | None = None, hidden: int = 128) -> None:
+    def __init__(self, channels: dict[str, int], condition_dim: int | None = None, hidden: int = 128,
+                 per_location: bool = False) -> None:
         super().__init__()
         self.layers = tuple(channels)
-        self.heads = nn.ModuleList(DiscriminatorHead(c, hidden) for c in channels.values())
+        self.per_location = per_location
+        self.heads = nn.ModuleList(DiscriminatorHead(c, hidden, per_location) for c in channels.values())
         self.conditioned = condition_dim is not None
         if self.conditioned:
             self.hidden = hidden
@@ -73,9 +85,11 @@ class Discriminator(nn.Module):
             self.noise_projection = nn.Linear(hidden, hidden)
 
     @classmethod
-    def for_features(cls, features: dict[str, torch.Tensor], condition_dim: int | None = None) -> Discriminator:
+    def for_features(cls, features: dict[str, torch.Tensor], condition_dim: int | None = None,
+                     per_location: bool = False) -> Discriminator:
         """Heads sized for ``features`` (one extractor output, by layer)."""
-        return cls({name: feature.shape[1] for name, feature in features.items()}, condition_dim)
+        return cls({name: feature.shape[1] for name, feature in features.items()}, condition_dim,
+                   per_location=per_location)
 
     def forward(self, features: dict[str, torch.Tensor], pooled: torch.Tensor | None = None,
                 t: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,8 +100,10 @@ class Discriminator(nn.Module):
         logits = []
         for name, head in zip(self.layers, self.heads):
             logit, hidden = head(features[name])
-            logits.append(logit + (embedding * hidden).sum(1) if embedding is not None else logit)
-        return torch.stack(logits).mean(0)
+            if embedding is not None:
+                logit = logit + ((embedding[:, None] if self.per_location else embedding) * hidden).sum(-1)
+            logits.append(logit)
+        return torch.cat(logits, dim=1) if self.per_location else torch.stack(logits).mean(0)
 
 
 def pixel_features(decode: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module,

@@ -79,3 +79,21 @@ def test_conditioned_heads_see_the_prompt_and_the_noise_level():
         discriminator(features)
     logits.sum().backward()
     assert all(p.grad is not None for p in discriminator.parameters())  # every head and projection is trained
+
+
+def test_per_location_heads_give_a_logit_per_location_that_averages_to_the_pooled_one():
+    torch.manual_seed(0)
+    pooled_heads = Discriminator({"a": 8, "b": 16}, condition_dim=6, hidden=16)
+    patch_heads = Discriminator({"a": 8, "b": 16}, condition_dim=6, hidden=16, per_location=True)
+    patch_heads.load_state_dict(pooled_heads.state_dict())  # the same weights: only the pool differs
+    features = {"a": torch.randn(2, 8, 6, 6), "b": torch.randn(2, 16, 2, 2)}
+    pooled, t = torch.randn(2, 6), torch.tensor([100.0, 800.0])
+    logits = patch_heads(features, pooled, t)
+    assert logits.shape == (2, 36 + 4)
+    # every head is affine in its hidden map: its locations' mean is the pooled head's logit
+    per_head = (logits[:, :36].mean(1) + logits[:, 36:].mean(1)) / 2
+    torch.testing.assert_close(per_head, pooled_heads(features, pooled, t))
+    moved = {**features, "a": features["a"].clone()}
+    moved["a"][:, :, 0, 0] += 1  # a corner of map a: its head's logits change, the other head's do not
+    changed = (patch_heads(moved, pooled, t) != logits).any(0)
+    assert changed[:36].all() and not changed[36:].any()  # (GroupNorm spreads the change over the whole map)

@@ -42,3 +42,21 @@ def test_add_reads_a_local_dinov2_at_its_own_image_size(add, tiny_pipeline_dir, 
 def test_bad_flags_are_refused_in_one_line(add, tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
         add.AddConfig(output_dir=str(tmp_path), **flags).validate()
+
+
+def test_ladd_trains_a_patch_discriminator(add, tiny_pipeline_dir, tmp_path, monkeypatch):
+    built = []
+    original = add.Discriminator.for_features
+
+    def recorded(features, condition_dim=None, per_location=False):
+        built.append(original(features, condition_dim, per_location))
+        return built[-1]
+
+    monkeypatch.setattr(add.Discriminator, "for_features", recorded)
+    add.main(add.AddConfig(pretrained_model_name_or_path=str(tiny_pipeline_dir), output_dir=str(tmp_path / "run"),
+                           discriminator_per_location=True, **COMMON))
+    (discriminator,) = built
+    assert discriminator.per_location and all(head.per_location for head in discriminator.heads)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2] and all("critic/r1" in row for row in log)
+    assert (tmp_path / "run" / "student" / "model_index.json").is_file()
