@@ -33,10 +33,12 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,11 +84,11 @@ class BenchConfig:
     validation_steps: int = field(50, "validate every recipe every N steps (the FD-against-time curve)")
     validation_samples: int = field(1000, "images per validation")
     recipe_flags: str = field("", "more flags for every recipe, e.g. '--train_batch_size 8'")
-    jobs: int = field(1, "recipes trained at once, each in its own process (split the cores with --recipe_flags "
-                         "'--num_threads N'); the training times are then measured side by side")
-    reuse_runs: bool = field(False, "keep a run of <output_dir>/runs/ that finished before with the same recipe and "
-                                    "flags instead of training it again (a bench stopped while scoring resumes there); "
-                                    "it keeps the training time it recorded")
+    jobs: int = field(1, "recipes trained at once, each in its own process with a share of the cores (unless "
+                         "--recipe_flags sets --num_threads); the training times are then measured side by side")
+    reuse_runs: bool = field(False, "keep a run of <output_dir>/runs/ that finished before with the same recipe, "
+                                    "flags, teacher weights and code instead of training it again (a bench stopped "
+                                    "while scoring resumes there); it keeps the training time it recorded")
     seed: int = field(0, "seed of every recipe's training")
 
     def __post_init__(self) -> None:
@@ -149,29 +151,59 @@ def machine() -> dict:
     }
 
 
-def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Path) -> dict:
-    """Run ``recipes/<recipe>.py`` (from ``preset`` when given) in its own process (its log in
-    ``<run_dir>.log``); its ``report.json`` and the process's wall-clock seconds. With
-    ``--reuse_runs``, a run that finished with the same recipe and flags (``<run_dir>/bench_run.json``)
-    is kept as it is."""
+_PRINTING = threading.Lock()
+
+
+def say(line: str) -> None:
+    """Print one whole line (recipes train on several threads with ``--jobs``)."""
+    with _PRINTING:
+        print(line, flush=True)
+
+
+def code_digest() -> str:
+    """The first 16 hex digits of a SHA-256 over the library's and the recipes' sources and presets:
+    which code a run was trained with."""
+    files = {*Path(__file__).parent.rglob("*.py"), *RECIPES_DIR.rglob("*.py"), *RECIPES_DIR.rglob("*.yaml")}
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def recipe_flags(cfg: BenchConfig, preset: str | None) -> list[str]:
+    """The flags a run of the bench trains with, but its ``--output_dir``; with ``--jobs`` > 1 and no
+    ``--num_threads`` of the user's, each recipe gets its share of the cores."""
     flags = [*(("--config", preset) if preset else ()),
-             "--pretrained_model_name_or_path", cfg.teacher, "--output_dir", str(run_dir), "--seed", str(cfg.seed),
+             "--pretrained_model_name_or_path", cfg.teacher, "--seed", str(cfg.seed),
              "--eval_num_samples", "0",
              "--validation_steps", str(cfg.validation_steps), "--num_validation_images", str(cfg.validation_samples)]
     if cfg.max_train_steps is not None:
         flags += ["--max_train_steps", str(cfg.max_train_steps)]
-    flags += shlex.split(cfg.recipe_flags)
+    user_flags = shlex.split(cfg.recipe_flags)
+    if cfg.jobs > 1 and "--num_threads" not in user_flags:
+        flags += ["--num_threads", str(max(1, (os.cpu_count() or 1) // cfg.jobs))]
+    return flags + user_flags
+
+
+def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Path) -> dict:
+    """Run ``recipes/<recipe>.py`` (from ``preset`` when given) in its own process (its log in
+    ``<run_dir>.log``) in a fresh ``run_dir``; its ``report.json`` and the process's wall-clock
+    seconds. With ``--reuse_runs``, a run that finished with the same recipe, flags, teacher weights
+    and code (``<run_dir>/bench_run.json``) is kept as it is."""
+    flags = recipe_flags(cfg, preset)
+    identity = {"recipe": recipe, "flags": flags, "teacher": file_digest(teacher_weights(cfg)), "code": code_digest()}
     record_path = run_dir / "bench_run.json"
-    if cfg.reuse_runs and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if (record["recipe"], record["flags"]) == (recipe, flags):
-            print(f"[bench] reusing {run_dir} (trained {record['finished']} with the same flags)", flush=True)
-            return {**json.loads((run_dir / "report.json").read_text()), "wall_seconds": record["wall_seconds"],
-                    "finished": record["finished"]}
-    record_path.unlink(missing_ok=True)  # the run folder is about to change
-    command = [sys.executable, str(RECIPES_DIR / f"{recipe}.py"), *flags]
+    if cfg.reuse_runs and run_dir.is_dir():
+        finished = record_path.is_file() and (run_dir / "report.json").is_file()
+        record = json.loads(record_path.read_text()) if finished else {}
+        if {key: record.get(key) for key in identity} == identity:
+            say(f"[bench] reusing {run_dir} (trained {record['finished']} by the same code and flags)")
+            return {**json.loads((run_dir / "report.json").read_text()), **record, "reused": True}
+        say(f"[bench] {run_dir} holds no finished run of this code and these flags: training it again")
+    shutil.rmtree(run_dir, ignore_errors=True)  # no earlier run's log, checkpoints or student mixed in
+    command = [sys.executable, str(RECIPES_DIR / f"{recipe}.py"), "--output_dir", str(run_dir), *flags]
     log_path = run_dir.with_suffix(".log")
-    print(f"[bench] training {run_dir.name}: {' '.join(command[1:])}  (log: {log_path})", flush=True)
+    say(f"[bench] training {run_dir.name}: {' '.join(command[1:])}  (log: {log_path})")
     began = time.perf_counter()
     with log_path.open("w") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
@@ -179,21 +211,28 @@ def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Pat
         tail = log_path.read_text().replace("\r", "\n").strip().splitlines()[-5:]
         raise RecipeFailed(f"recipe {run_dir.name} failed (exit {finished.returncode}); the end of {log_path}:\n"
                            + "\n".join(tail))
-    wall_seconds = time.perf_counter() - began  # process start to end: loading, validation, export
-    record = {"recipe": recipe, "flags": flags, "wall_seconds": wall_seconds,
+    record = {**identity, "wall_seconds": time.perf_counter() - began,  # process start to end: loading, export
               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     partial = record_path.with_suffix(".partial")
     partial.write_text(json.dumps(record, indent=1) + "\n")
     partial.replace(record_path)  # written whole or not at all: a run without it is trained again
-    return {**json.loads((run_dir / "report.json").read_text()), "wall_seconds": wall_seconds,
-            "finished": record["finished"]}
+    return {**json.loads((run_dir / "report.json").read_text()), **record, "reused": False}
 
 
 def train_all(cfg: BenchConfig, runs_dir: Path) -> dict[str, dict]:
-    """Every run of ``--recipes`` trained (``--jobs`` at a time), by name, in the order given."""
+    """Every run of ``--recipes`` trained, ``--jobs`` at a time, by name in the order given. A failed
+    recipe is reported at once; those already training finish (and are kept for ``--reuse_runs``),
+    those not started are not."""
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
-        outcomes = pool.map(lambda item: train_recipe(cfg, *item[1], runs_dir / item[0]), cfg.runs.items())
-        return dict(zip(cfg.runs, outcomes))
+        jobs = {name: pool.submit(train_recipe, cfg, recipe, preset, runs_dir / name)
+                for name, (recipe, preset) in cfg.runs.items()}
+        done, running = wait(jobs.values(), return_when=FIRST_EXCEPTION)
+        failed = next((job for job in jobs.values() if job in done and job.exception() is not None), None)
+        if failed is not None:
+            say(f"[bench] {failed.exception()}".splitlines()[0] + ": stopping once the recipes training now end")
+            pool.shutdown(cancel_futures=True)
+            raise failed.exception()
+        return {name: job.result() for name, job in jobs.items()}
 
 
 def _ratio_rows(results: list[report.Result], references: dict[int, report.Result]) -> list[dict]:
@@ -207,6 +246,12 @@ def _ratio_rows(results: list[report.Result], references: dict[int, report.Resul
     return rows
 
 
+def teacher_weights(cfg: BenchConfig) -> Path:
+    """The shipped teacher's denoiser weights (a UNet's or a transformer's)."""
+    network = next(cfg.teacher_path / part for part in ("unet", "transformer") if (cfg.teacher_path / part).is_dir())
+    return network / "diffusion_pytorch_model.safetensors"
+
+
 def file_digest(path: Path) -> str:
     """The first 16 hex digits of a file's SHA-256: which weights a cached row was scored with."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -218,8 +263,7 @@ def teacher_rows(cfg: BenchConfig, prompts: list[str], scorers: report.Scorers, 
     else scored now and added there. A cached row keeps the images/s of the run that scored it."""
     cache_path = Path(cfg.output_dir) / "teacher_rows.json"
     cache = json.loads(cache_path.read_text()) if cfg.cache_teacher_rows and cache_path.is_file() else {}
-    network = next(cfg.teacher_path / part for part in ("unet", "transformer") if (cfg.teacher_path / part).is_dir())
-    identity = {"teacher": file_digest(network / "diffusion_pytorch_model.safetensors"),
+    identity = {"teacher": file_digest(teacher_weights(cfg)),
                 "evaluator": file_digest(DIGITS_CLASSIFIER), "num_samples": cfg.num_samples, "seed": seed}
 
     def key(steps: int, scale: float) -> str:
@@ -292,9 +336,13 @@ def markdown(summary: dict) -> str:
             f"{training['peak_memory_bytes'] / 2**30:.2f} | "
             + (f"{best[2]:.3f} ({best[0]}) |" if best else "– |")
         )
-    jobs = summary["config"].get("jobs", 1)
-    if jobs > 1:
-        lines += ["", f"Trained {jobs} recipes at a time: the training times were measured side by side."]
+    at_once = min(summary["config"].get("jobs", 1), len(summary["recipes"]))
+    if at_once > 1:
+        lines += ["", f"Trained {at_once} recipes at a time: the training times were measured side by side."]
+    reused = [f"{name} ({run['finished']})" for name, run in summary["recipes"].items() if run.get("reused")]
+    if reused:
+        lines += ["", f"Kept from an earlier run of the bench (`--reuse_runs`), with the training times measured "
+                      f"then: {', '.join(reused)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -329,7 +377,7 @@ def run(cfg: BenchConfig, command: str = "python -m stepdistill bench") -> dict:
         "results": _ratio_rows(results, references),
         "recipes": {
             recipe: {"training": outcome["training"], "wall_seconds": outcome["wall_seconds"],
-                     "finished": outcome["finished"], "config": outcome["config"],
+                     "finished": outcome["finished"], "reused": outcome["reused"], "config": outcome["config"],
                      "validation_curve": plots.validation_curve(output_dir / "runs" / recipe / "train_log.jsonl")}
             for recipe, outcome in runs.items()
         },

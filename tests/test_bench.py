@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import threading
 
 import pytest
 from notebook_runner import execute, printed
@@ -37,7 +39,8 @@ def summary(tmp_path_factory):
 @pytest.mark.slow
 def test_bench_trains_every_recipe_and_scores_side_by_side(summary):
     result, output_dir = summary
-    assert set(result["recipes"]) == set(bench.BENCHMARKED_RECIPES)
+    assert list(result["recipes"]) == list(bench.BENCHMARKED_RECIPES)  # in the order given, though trained 2 at once
+    assert not any(run["reused"] for run in result["recipes"].values())
     for name, run in result["recipes"].items():
         assert run["training"]["steps"] == 1, name
         assert run["training"]["peak_memory_bytes"] > 2**20, name  # a real RSS, in bytes
@@ -66,31 +69,70 @@ def test_bench_trains_every_recipe_and_scores_side_by_side(summary):
 
 
 @pytest.mark.slow
-def test_reuse_runs_keeps_a_run_finished_with_the_same_flags_and_retrains_any_other(summary, monkeypatch):
+def test_reuse_runs_keeps_a_run_finished_by_the_same_code_and_flags_and_retrains_any_other(summary, tmp_path,
+                                                                                         monkeypatch):
     result, output_dir = summary
+    shutil.copytree(output_dir / "runs" / "sid", tmp_path / "runs" / "sid")
+    run_dir = tmp_path / "runs" / "sid"
 
-    def training(*args, **kwargs):
+    def training(command, **kwargs):
+        assert not run_dir.exists()  # a fresh folder: no earlier log, checkpoints or student
         raise RuntimeError("trained again")
 
     monkeypatch.setattr(bench.subprocess, "run", training)
-    run_dir = output_dir / "runs" / "sid"
     kept = bench.train_recipe(tiny_bench(output_dir, reuse_runs=True), "sid", None, run_dir)
-    assert kept["training"] == result["recipes"]["sid"]["training"]
+    assert kept["reused"] and kept["training"] == result["recipes"]["sid"]["training"]
     assert (kept["wall_seconds"], kept["finished"]) == (result["recipes"]["sid"]["wall_seconds"],
                                                         result["recipes"]["sid"]["finished"])
-    with pytest.raises(RuntimeError, match="trained again"):  # reuse is asked for
+    other_flags = tiny_bench(output_dir, reuse_runs=True, seed=1)
+    with pytest.raises(RuntimeError, match="trained again"):
+        bench.train_recipe(other_flags, "sid", None, run_dir)
+    shutil.copytree(output_dir / "runs" / "sid", run_dir)
+    record = json.loads((run_dir / "bench_run.json").read_text())
+    (run_dir / "bench_run.json").write_text(json.dumps({**record, "code": "0" * 16}))  # trained by other code
+    with pytest.raises(RuntimeError, match="trained again"):
+        bench.train_recipe(tiny_bench(output_dir, reuse_runs=True), "sid", None, run_dir)
+    shutil.copytree(output_dir / "runs" / "sid", run_dir)
+    with pytest.raises(RuntimeError, match="trained again"):  # reuse not asked for
         bench.train_recipe(tiny_bench(output_dir), "sid", None, run_dir)
-    with pytest.raises(RuntimeError, match="trained again"):  # other flags: other run
-        bench.train_recipe(tiny_bench(output_dir, reuse_runs=True, seed=1), "dmd2", None, output_dir / "runs" / "dmd2")
-    assert not (output_dir / "runs" / "dmd2" / "bench_run.json").exists()  # its folder no longer holds that run
 
 
-@pytest.mark.slow
 def test_compare_notebook_runs_on_a_fresh_benchmark(summary, tmp_path, monkeypatch):
     _, output_dir = summary
     notebook = execute("compare_recipes.ipynb", monkeypatch, STEPDISTILL_BENCH_RESULTS=str(output_dir / "results.json"),
                        STEPDISTILL_NOTEBOOK_OUTPUT=str(tmp_path))
     assert "best student:" in printed(notebook)
+
+
+def test_a_failed_recipe_stops_the_bench_once_the_recipes_training_beside_it_end(tmp_path, monkeypatch):
+    started, finished, failing = [], [], threading.Event()
+
+    def train_recipe(cfg, recipe, preset, run_dir):
+        started.append(recipe)
+        if recipe == "dmd2":
+            assert failing.wait(30)  # still training when sid fails
+            finished.append(recipe)
+            return {}
+        failing.set()
+        raise bench.RecipeFailed(f"recipe {recipe} failed (exit 1)")
+
+    monkeypatch.setattr(bench, "train_recipe", train_recipe)
+    with pytest.raises(bench.RecipeFailed, match="recipe sid failed"):
+        bench.train_all(bench.BenchConfig(output_dir=str(tmp_path), recipes=("dmd2", "sid", "consistency"), jobs=2),
+                        tmp_path / "runs")
+    assert (started, finished) == (["dmd2", "sid"], ["dmd2"])  # consistency never started
+
+
+def test_jobs_share_the_cores_unless_the_recipe_flags_set_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 8)
+
+    def flags(**changes) -> list[str]:
+        return bench.recipe_flags(bench.BenchConfig(output_dir=str(tmp_path), **changes), None)
+
+    assert "--num_threads" not in flags(jobs=1)
+    assert flags(jobs=3)[-2:] == ["--num_threads", "2"]
+    assert flags(jobs=3, recipe_flags="--num_threads 1")[-2:] == ["--num_threads", "1"]
+    assert flags(jobs=3, recipe_flags="--num_threads 1").count("--num_threads") == 1
 
 
 def test_teacher_rows_are_scored_once_per_teacher_evaluator_samples_and_seed(tmp_path, monkeypatch):

@@ -10,9 +10,9 @@ R1 (Mescheder et al., "Which Training Methods for GANs do actually Converge?", 2
 critic's gradient on real inputs, E‖∇ₓD(x)‖², by a double backward. The approximate R1 of recent work
 (e.g. SANA-Sprint's) needs no double backward, and so works where that is unavailable (sharded or
 fused kernels): E(D(x + σε) − D(x))² with ε ~ N(0, I), which for small σ is σ² E(∇ₓD·ε)² = σ² E‖∇ₓD(x)‖²,
-R1 times σ². A discriminator with a logit per location (a patch discriminator) gives a logit map: the
-losses average over it, the exact R1 is that of the logits' sum, the approximate one the mean of
-each location's.
+R1 times σ². A discriminator with a logit per location (a patch discriminator) gives logits
+``(B, L)``: the losses average over all of them, and both penalties take D(x) as each image's mean
+logit, so they stay one penalty at two precisions.
 """
 
 from __future__ import annotations
@@ -44,12 +44,17 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> t
     raise ValueError(f"kind is one of {GAN_LOSSES} (got {kind!r})")
 
 
+def per_image(logits: torch.Tensor) -> torch.Tensor:
+    """One logit per image: a patch discriminator's ``(B, L)`` averaged over its locations; ``(B,)`` as it is."""
+    return logits.reshape(len(logits), -1).mean(1)
+
+
 def r1_penalty(discriminate: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
     """E‖∇ₓD(x)‖² over the batch, exact (a double backward: the penalty's gradient reaches D's weights).
     Attention runs in its plain ("math") kernel here: the fused ones have no double backward."""
     real = real.detach().requires_grad_(True)
     with sdpa_kernel(SDPBackend.MATH):
-        (gradient,) = torch.autograd.grad(discriminate(real).sum(), real, create_graph=True)
+        (gradient,) = torch.autograd.grad(per_image(discriminate(real)).sum(), real, create_graph=True)
     return gradient.square().flatten(1).sum(1).mean()
 
 
@@ -57,4 +62,5 @@ def approximate_r1_penalty(discriminate: Callable[[torch.Tensor], torch.Tensor],
                            sigma: float = 0.01) -> torch.Tensor:
     """E(D(x + σε) − D(x))², about σ² times :func:`r1_penalty` for small σ; one extra forward, no double backward."""
     real = real.detach()
-    return (discriminate(real + sigma * torch.randn_like(real)) - discriminate(real)).square().mean()
+    perturbed = per_image(discriminate(real + sigma * torch.randn_like(real)))
+    return (perturbed - per_image(discriminate(real))).square().mean()

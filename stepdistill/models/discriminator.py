@@ -6,9 +6,10 @@ A head reads one layer's feature map ``(B, C, h, w)`` (a UNet block's output, a 
 image tokens as a grid; :meth:`~stepdistill.models.backbones.Backbone.features`) and gives a logit
 per image, from its hidden map pooled over the locations, and the discriminator's logit is the mean
 of its heads'; or, ``per_location``, a logit per location of every head (a patch discriminator, as
-the projected-GAN heads LADD builds on: the losses average over all of them, so each location of
-each map must look real on its own), ``(B, Σ h·w)``. A conditioned head is a projection
-discriminator (Miyato & Koyama, "cGANs with Projection Discriminator", 2018): with h the head's
+the projected-GAN heads LADD builds on), ``(B, Σ h·w)``: the losses average over all of them, so
+each location of each map must look real on its own and a head weighs as many locations as it has.
+A conditioned head is a projection discriminator (Miyato & Koyama, "cGANs with Projection
+Discriminator", 2018): with h the head's
 hidden vector (pooled, or at one location) and c an embedding of the pooled prompt embedding plus
 a sinusoidal embedding of the noise level t, logit = w·h + b + c·h, so the prompt and the noise
 level change every logit (LADD §3.2 conditions its heads on both; DMD2's single head on the fake
@@ -50,7 +51,7 @@ class DiscriminatorHead(nn.Module):
         """In the head's own precision: fp32 weights read bf16 features in fp32; weights a sharded run
         computes in bf16 read them in bf16."""
         features = features.to(self.layers[0].weight.dtype)
-        if self.per_location:
+        if self.per_location:  # the layers up to the pool; the linear layer reads every location
             hidden = self.layers[:4](features).flatten(2).transpose(1, 2)
         else:
             hidden = self.layers[:-1](features)

@@ -37,9 +37,9 @@ def test_the_losses_values_on_hand_set_logits():
         critic_loss(real, fake, "wasserstein")
 
 
-def quadratic_discriminator():
+def quadratic_discriminator(seed: int = 0):
     """D(x) = ½ xᵀAx + bᵀx per sample: ∇D = Ax + b, known in closed form."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     a = torch.randn(3, 3, generator=generator)
     a = (a + a.T) / 2
     b = torch.randn(3, generator=generator)
@@ -64,6 +64,19 @@ def test_the_approximate_r1_tends_to_sigma_squared_r1():
     ratios = [approximate_r1_penalty(discriminate, x, sigma).item() / sigma**2 for sigma in (0.3, 0.03, 0.003)]
     assert abs(ratios[-1] / exact - 1) < 0.03
     assert abs(ratios[-1] / exact - 1) < abs(ratios[0] / exact - 1)
+
+
+def test_a_patch_discriminators_penalties_are_those_of_its_mean_logit_at_both_precisions():
+    (first, a1, b1), (second, a2, b2) = quadratic_discriminator(0), quadratic_discriminator(1)
+
+    def patches(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([first(x), second(x)], dim=1)  # (B, 2): a logit per location
+
+    x = torch.randn(20_000, 3, generator=torch.Generator().manual_seed(2))
+    expected = (x @ (a1 + a2) / 2 + (b1 + b2) / 2).square().sum(1).mean()  # ∇ of the mean logit, in closed form
+    torch.testing.assert_close(r1_penalty(patches, x), expected)
+    torch.manual_seed(0)
+    assert abs(approximate_r1_penalty(patches, x, 0.003).item() / 0.003**2 / expected.item() - 1) < 0.03
 
 
 def test_conditioned_heads_see_the_prompt_and_the_noise_level():
