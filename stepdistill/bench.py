@@ -1,11 +1,11 @@
 """``python -m stepdistill bench``: every recipe on a shipped digits teacher, scored side by side.
 
-    python -m stepdistill bench                       # the README's Results (1.5 hours on 2 CPU cores; less
-                                                      # once the teacher's rows are cached)
+    python -m stepdistill bench                       # the bars' protocol (hours on 2 CPU cores; the
+                                                      # teacher's rows, half of it, are cached after)
     python -m stepdistill bench --teacher digits-sd3 --output_dir benchmarks/results_sd3   # the flow teacher
     python -m stepdistill bench --recipes dmd2,dmd2:dmd2_cfg125   # a preset beside the default, named after it
     python -m stepdistill bench --recipes dmd2 --max_train_steps 2 --num_samples 20 --seeds 0 --teacher_steps 1,50
-    python -m stepdistill bench --jobs 2 --recipe_flags '--num_threads 1' --reuse_runs true   # two at a time; resume
+    python -m stepdistill bench --jobs 2 --reuse_runs true   # two recipes at a time; resumes a stopped bench
 
 Each recipe trains with its own defaults (its step budget is part of the recipe), or a shipped
 preset's (``RECIPE:PRESET``), in a process of its own (``--jobs`` of them at once), validating every
