@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -221,18 +221,22 @@ def train_recipe(cfg: BenchConfig, recipe: str, preset: str | None, run_dir: Pat
 
 def train_all(cfg: BenchConfig, runs_dir: Path) -> dict[str, dict]:
     """Every run of ``--recipes`` trained, ``--jobs`` at a time, by name in the order given. A failed
-    recipe is reported at once; those already training finish (and are kept for ``--reuse_runs``),
-    those not started are not."""
+    recipe is reported at once and no other starts; those training beside it finish (and are kept
+    for ``--reuse_runs``)."""
+    waiting, running, outcomes = list(cfg.runs.items()), {}, {}
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
-        jobs = {name: pool.submit(train_recipe, cfg, recipe, preset, runs_dir / name)
-                for name, (recipe, preset) in cfg.runs.items()}
-        done, running = wait(jobs.values(), return_when=FIRST_EXCEPTION)
-        failed = next((job for job in jobs.values() if job in done and job.exception() is not None), None)
-        if failed is not None:
-            say(f"[bench] {failed.exception()}".splitlines()[0] + ": stopping once the recipes training now end")
-            pool.shutdown(cancel_futures=True)
-            raise failed.exception()
-        return {name: job.result() for name, job in jobs.items()}
+        while waiting or running:
+            while waiting and len(running) < cfg.jobs:
+                name, (recipe, preset) = waiting.pop(0)
+                running[pool.submit(train_recipe, cfg, recipe, preset, runs_dir / name)] = name
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for job in done:
+                name = running.pop(job)
+                if job.exception() is not None:
+                    say(f"[bench] {job.exception()}".splitlines()[0] + ": stopping once the recipes training now end")
+                    raise job.exception()
+                outcomes[name] = job.result()
+    return {name: outcomes[name] for name in cfg.runs}
 
 
 def _ratio_rows(results: list[report.Result], references: dict[int, report.Result]) -> list[dict]:
