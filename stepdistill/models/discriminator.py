@@ -9,11 +9,10 @@ of its heads'; or, ``per_location``, a logit per location of every head (a patch
 the projected-GAN heads LADD builds on), ``(B, Σ h·w)``: the losses average over all of them, so
 each location of each map must look real on its own and a head weighs as many locations as it has.
 A conditioned head is a projection discriminator (Miyato & Koyama, "cGANs with Projection
-Discriminator", 2018): with h the head's
-hidden vector (pooled, or at one location) and c an embedding of the pooled prompt embedding plus
-a sinusoidal embedding of the noise level t, logit = w·h + b + c·h, so the prompt and the noise
-level change every logit (LADD §3.2 conditions its heads on both; DMD2's single head on the fake
-score's middle block takes neither).
+Discriminator", 2018): with h the head's hidden vector (pooled, or at one location) and c an
+embedding of the pooled prompt embedding plus a sinusoidal embedding of the noise level t,
+logit = w·h + b + c·h, so the prompt and the noise level change every logit (LADD §3.2 conditions
+its heads on both; DMD2's single head on the fake score's middle block takes neither).
 """
 
 from __future__ import annotations
