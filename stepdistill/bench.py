@@ -11,7 +11,7 @@ Each recipe trains with its own defaults (its step budget is part of the recipe)
 preset's (``RECIPE:PRESET``), in a process of its own (``--jobs`` of them at once), validating every
 ``--validation_steps``, on ``--teacher`` (the ε UNet ``digits`` or the flow-matching MMDiT
 ``digits-sd3``; it overrides the preset's teacher); ``--reuse_runs`` keeps the runs that finished
-before with the same flags. Then every exported student is loaded as plain
+before with the same flags, teacher weights and code. Then every exported student is loaded as plain
 diffusers loads it and sampled at ``--student_steps``, and the teacher at ``--teacher_steps`` ×
 ``--teacher_guidance_scales``, all in this one process, on the same prompts and, per sampling seed
 (``--seeds``, the protocol's 0 and 1 at 5,000 samples), the same initial noise, with the same
