@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import threading
+from dataclasses import replace
 
 import pytest
 from notebook_runner import execute, printed
@@ -144,8 +145,14 @@ def test_teacher_rows_are_scored_once_per_teacher_evaluator_samples_and_seed(tmp
     def no_sampling(*args, **kwargs):
         raise AssertionError("a cached teacher row was scored again")
 
+    def timed(pipe, timed_prompts, steps, scale, seed):  # a cached row is only timed again
+        return None, len(timed_prompts) / (100.0 * steps)
+
     monkeypatch.setattr(bench.report, "evaluate", no_sampling)
-    assert bench.teacher_rows(cfg, prompts, scorers, tmp_path / "grids", seed=0) == scored
+    monkeypatch.setattr(bench, "generate", timed)
+    again = bench.teacher_rows(cfg, prompts, scorers, tmp_path / "grids", seed=0)
+    assert [r.images_per_s for r in again] == [100.0, 200.0]
+    assert [replace(r, images_per_s=0) for r in again] == [replace(r, images_per_s=0) for r in scored]
     monkeypatch.undo()
     other_seed = bench.teacher_rows(cfg, prompts, scorers, tmp_path / "grids", seed=1)
     assert [r.seed for r in other_seed] == [1, 1] and other_seed[0].fd_digits != scored[0].fd_digits
