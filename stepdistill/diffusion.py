@@ -41,6 +41,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from stepdistill import draws
+
 VP_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 LCM_SIGMA_DATA = 0.5  # σ_d of diffusers' LCMScheduler boundary scalings
@@ -183,7 +185,7 @@ class VPProcess(NoiseProcess):
         low, high = int(low), int(high)
         if not 0 <= low <= high <= self.max_timestep:
             raise ValueError(f"need 0 ≤ low ≤ high ≤ {self.max_timestep} (got {low}, {high})")
-        return torch.randint(low, high + 1, (batch_size,)).float().to(device)
+        return draws.randint(low, high + 1, (batch_size,)).float().to(device)
 
     def solver_grid(self, num_steps: int) -> torch.Tensor:
         """LCM's skipping-step grid (LCM §4.3): g_0 = 0, g_n = n k − 1 with k = T / N."""
@@ -286,7 +288,7 @@ class FlowProcess(NoiseProcess):
         if not 0 <= low <= high <= self.max_timestep:
             raise ValueError(f"need 0 ≤ low ≤ high ≤ {self.max_timestep} (got {low}, {high})")
         bounds = unshift_sigmas(torch.tensor([low, high], dtype=torch.float64) / self.num_train_timesteps, self.shift)
-        p = torch.rand(batch_size, dtype=torch.float64)
+        p = draws.rand((batch_size,), dtype=torch.float64)
         if self.timestep_sampling == "uniform":
             u = bounds[0] + (bounds[1] - bounds[0]) * p
         else:  # logit-normal: z = m + s Φ⁻¹(p) with p uniform between the bounds' CDF values

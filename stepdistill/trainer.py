@@ -19,7 +19,9 @@ uninterrupted run.
 
 On several processes every network is laid out by torch's FSDP2 engine (:mod:`stepdistill.sharding`):
 replicated (data parallel: gradients averaged in backward) or sharded (weights, gradients and AdamW
-state split over the processes); checkpoints are then distributed checkpoints.
+state split over the processes); checkpoints are then distributed checkpoints. Each process holds
+its rows of the global batch and draws their noise as one process would (:mod:`stepdistill.draws`),
+so P processes at batch B train like one at batch P·B.
 
 Each update accumulates ``gradient_accumulation_steps`` micro-batches, clips the gradient norm,
 steps its optimiser's learning-rate schedule (diffusers' ``get_scheduler``: constant, linear, cosine, ...),
@@ -55,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from stepdistill import checkpoints, sharding
+from stepdistill import checkpoints, draws, sharding
 from stepdistill.checkpoints import EMA_WEIGHTS, METHOD_STATE, TRAINER_STATE
 from stepdistill.config import ConfigError
 from stepdistill.ema import EMA
@@ -296,7 +298,9 @@ class Trainer:
                 frozen_modules = [*frozen_modules, *method.frozen_networks]
             generator_parameters, critic_parameters = self._lay_out(
                 modules, frozen_modules, (generator_parameters, critic_parameters))
-        set_seed(cfg.seed, device_specific=True)  # each process draws its own batches and noise
+        # every process seeded alike draws the global batch's numbers and keeps its rows (stepdistill.draws)
+        draws.split_over(self.accelerator.process_index, self.accelerator.num_processes)
+        set_seed(cfg.seed)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.generator_optimizer = torch.optim.AdamW(
             generator_parameters, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay

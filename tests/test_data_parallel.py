@@ -1,8 +1,8 @@
 """Several processes (gloo, CPU) on the FSDP2 engine: replicated (data parallel) and sharded (FSDP).
 
-Two processes with half the batch each train like one process with all of it (a toy whose data is
-sliced from one global batch; a recipe's processes draw their own noise, so there sharding is compared
-with data parallelism, which draws the same), and resume bitwise."""
+Two processes with half the batch each train like one process with all of it (a toy, and DMD2's
+recipe, full weights and LoRA: each process draws its rows of the global batch's noise), and resume
+bitwise."""
 
 from __future__ import annotations
 
@@ -109,10 +109,12 @@ def test_the_dmd2_recipe_runs_and_resumes_as_two_processes(tiny_pipeline_dir, tm
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def launch_dmd2(teacher_dir: Path, output_dir: Path, port: int, *flags: str) -> None:
-    """Two processes of a 3-step DMD2 run on ``teacher_dir`` (a checkpoint at step 2, nothing scored)."""
-    command = [*TWO, "--master_port", str(port), str(RECIPES / "dmd2.py"), "--pretrained_model_name_or_path",
-               str(teacher_dir), "--train_batch_size", "2", "--critic_steps_per_generator_step", "2",
+def launch_dmd2(teacher_dir: Path, output_dir: Path, port: int | None, *flags: str) -> None:
+    """A 3-step DMD2 run on ``teacher_dir`` at a global batch of 4: two processes talking on ``port``, or
+    one (``None``) (a checkpoint at step 2, nothing scored)."""
+    launcher, batch_size = ([*TWO, "--master_port", str(port)], 2) if port else ([sys.executable], 4)
+    command = [*launcher, str(RECIPES / "dmd2.py"), "--pretrained_model_name_or_path",
+               str(teacher_dir), "--train_batch_size", str(batch_size), "--critic_steps_per_generator_step", "2",
                "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "0",
                "--eval_num_samples", "0", "--report_to", "none", "--output_dir", str(output_dir), *flags]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -120,33 +122,37 @@ def launch_dmd2(teacher_dir: Path, output_dir: Path, port: int, *flags: str) -> 
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_sharded_dmd2_trains_as_data_parallel_and_resumes_bitwise(tiny_pipeline_dir, tmp_path):
+def test_dmd2_sharded_or_data_parallel_trains_as_one_process_and_resumes_bitwise(tiny_pipeline_dir, tmp_path):
     full = ("--use_lora", "false", "--ema_decay", "0.9", "--validation_steps", "2", "--num_validation_images", "4")
     launch_dmd2(tiny_pipeline_dir, tmp_path / "sharded", 29521, "--parallelism", "fsdp", *full)
     launch_dmd2(tiny_pipeline_dir, tmp_path / "data", 29522, "--parallelism", "data", *full)
+    launch_dmd2(tiny_pipeline_dir, tmp_path / "one", None, *full)
     resumed = tmp_path / "resumed"  # a sharded run stopped after its checkpoint at step 2, launched again
     resumed.mkdir()
     shutil.copytree(tmp_path / "sharded" / "checkpoint-2", resumed / "checkpoint-2")
     launch_dmd2(tiny_pipeline_dir, resumed, 29523, "--parallelism", "fsdp", "--resume_from_checkpoint", "latest", *full)
     assert (tmp_path / "sharded" / "checkpoint-2" / "sharded_state").is_dir()  # a distributed checkpoint
     unet = Path("student", "unet", "diffusion_pytorch_model.safetensors")
-    sharded, data, again = (load_file(str(root / unet)) for root in (tmp_path / "sharded", tmp_path / "data", resumed))
+    sharded, data, one, again = (load_file(str(root / unet)) for root in
+                                 (tmp_path / "sharded", tmp_path / "data", tmp_path / "one", resumed))
     teacher = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert any(not torch.equal(sharded[k], teacher[k]) for k in teacher)  # it trained
-    for name, value in data.items():  # sharding changes the reduction, not the update
+    assert any(not torch.equal(one[k], teacher[k]) for k in teacher)  # it trained
+    for name, value in one.items():  # the processes change the order of sums, not the update
         torch.testing.assert_close(sharded[name], value, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(data[name], value, atol=1e-6, rtol=1e-5)
         assert torch.equal(again[name], sharded[name]), name
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sharded" / "student")  # plain diffusers loads it
     assert all(torch.equal(p, sharded[n]) for n, p in pipe.unet.state_dict().items())
 
 
-def test_a_sharded_lora_student_trains_as_data_parallel_and_loads_in_diffusers(tiny_pipeline_dir, tmp_path):
-    for port, parallelism in ((29524, "fsdp"), (29525, "data")):
-        launch_dmd2(tiny_pipeline_dir, tmp_path / parallelism, port, "--parallelism", parallelism, "--use_lora", "true")
+def test_a_sharded_lora_student_trains_as_one_process_and_loads_in_diffusers(tiny_pipeline_dir, tmp_path):
+    launch_dmd2(tiny_pipeline_dir, tmp_path / "fsdp", 29524, "--parallelism", "fsdp", "--use_lora", "true")
+    launch_dmd2(tiny_pipeline_dir, tmp_path / "one", None, "--use_lora", "true")
     lora = Path("student", "pytorch_lora_weights.safetensors")
-    sharded, data = (load_file(str(tmp_path / parallelism / lora)) for parallelism in ("fsdp", "data"))
-    assert sharded.keys() == data.keys()
-    for name, value in data.items():
+    sharded, one = (load_file(str(tmp_path / run / lora)) for run in ("fsdp", "one"))
+    assert sharded.keys() == one.keys()
+    assert any(value.abs().max() > 0 for name, value in one.items() if "lora_B" in name)  # it trained (B starts at 0)
+    for name, value in one.items():
         torch.testing.assert_close(sharded[name], value, atol=1e-6, rtol=1e-5)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.load_lora_weights(tmp_path / "fsdp" / "student")

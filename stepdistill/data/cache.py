@@ -97,7 +97,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 class CachedExamples(Dataset):
-    """``dataset[(index, position)]`` → ``{"caption", "condition", "latents"}`` of row ``index`` (no
+    """``dataset[(index, place)]`` → ``{"caption", "condition", "latents"}`` of row ``index`` (no
     ``"latents"`` in a cache of prompts)."""
 
     def __init__(self, folder: str | Path) -> None:

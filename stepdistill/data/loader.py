@@ -1,8 +1,8 @@
 """Examples as tensors for a ``torch.utils.data.DataLoader``: read, cropped and flipped in its workers.
 
-A loader's keys are ``(index, position)`` pairs from :class:`~stepdistill.data.order.EpochOrder`: the
-example to read, and the reader's running position, which seeds the example's random crop and flip,
-so that batches are the same with any number of workers and after a resume.
+A loader's keys are ``(index, place)`` pairs from :class:`~stepdistill.data.order.EpochOrder`: the
+example to read, and its place in the one-process stream, which seeds the example's random crop and
+flip, so that batches are the same with any number of workers or processes and after a resume.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ BAD_IMAGE_CHOICES = ("stop", "skip")
 
 
 class TrainingExamples(Dataset):
-    """``dataset[(index, position)]`` → ``{"caption", "pixels"}`` (``(3, size, size)`` uint8), or
+    """``dataset[(index, place)]`` → ``{"caption", "pixels"}`` (``(3, size, size)`` uint8), or
     ``{"caption", "skipped"}`` naming an unreadable image when ``on_bad_image == "skip"`` (with
     ``"stop"`` it raises :class:`DataError`). Images are the largest square, centred or (without
     ``center_crop``) at a random offset, resized to ``size``, flipped left-right at random with ``random_flip``."""
@@ -31,7 +31,7 @@ class TrainingExamples(Dataset):
         self.seed, self.on_bad_image = seed, on_bad_image
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, position = key
+        index, place = key
         example = self.source[index]
         if example.open_image is None:
             return {"caption": example.caption}
@@ -41,7 +41,7 @@ class TrainingExamples(Dataset):
             if self.on_bad_image == "stop":
                 raise DataError(f"{error} (--on_bad_image skip passes over unreadable images)") from None
             return {"caption": example.caption, "skipped": str(error)}
-        draws = np.random.default_rng([self.seed, position]).random(2)  # the crop's offset, the flip
+        draws = np.random.default_rng([self.seed, place]).random(2)  # the crop's offset, the flip
         pixels = square_crop(picture, self.size, 0.5 if self.center_crop else draws[0])
         if self.random_flip and draws[1] < 0.5:
             pixels = pixels[:, ::-1]

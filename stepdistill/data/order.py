@@ -10,7 +10,10 @@ examples read, which a checkpoint keeps to resume on exactly the same batches.
 With P processes, process p reads the epoch's positions p, p + P, p + 2P, …: ⌈N / P⌉ of them,
 the last ones wrapping round to the epoch's first positions (as torch's ``DistributedSampler``
 pads), so every example is read once per epoch across the processes and every process reads as
-many batches. Batches run on across epoch boundaries: the stream never ends.
+many batches. Batches run on across epoch boundaries: the stream never ends. Process p's batch of
+B is then rows p, p + P, … of the batch of P·B one process reads (when P divides N), and each
+example comes with its place in the one-process stream, e·N + position in epoch e, which seeds its
+crop and flip: P processes read what one reads, cropped alike.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ def shuffled(indices: np.ndarray, size: int, seed: int, epoch: int) -> np.ndarra
 
 
 class EpochOrder:
-    """Batches of ``(index, position)`` pairs for process ``rank`` of ``num_processes``: the example to
-    read and the reader's running position (which seeds that example's random crop and flip).
+    """Batches of ``(index, place)`` pairs for process ``rank`` of ``num_processes``: the example to
+    read and its place in the one-process stream (which seeds that example's random crop and flip).
 
     ``examples_read`` is the whole state: setting it (from a checkpoint) restarts the stream exactly
     where a reader that had read that many examples would be."""
@@ -78,7 +81,7 @@ class EpochOrder:
         for epoch in np.unique(epochs):
             chosen = epochs == epoch
             indices[chosen] = shuffled(slots[chosen], self.size, self.seed, int(epoch))
-        return [(int(index), int(position)) for index, position in zip(indices, positions)]
+        return [(int(index), int(place)) for index, place in zip(indices, epochs * self.size + slots)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         """Batches from the current position on (the position itself moves only by :meth:`advance`:

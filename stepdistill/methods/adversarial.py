@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stepdistill import draws
 from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess
 from stepdistill.methods import adversarial_losses
@@ -79,8 +80,8 @@ class AdversarialDistillation:
         if batch.real_latents is None:
             raise ValueError("adversarial distillation noises real latents: the batch has none")
         steps = torch.tensor(self.student_timesteps, dtype=torch.float32, device=batch.device)
-        s = steps[torch.randint(len(steps), (batch.size,))].to(batch.device)
-        noise = torch.randn_like(batch.real_latents)
+        s = steps[draws.randint(0, len(steps), (batch.size,))].to(batch.device)
+        noise = draws.randn_like(batch.real_latents)
         first = (s == steps[0]).reshape(-1, *([1] * (noise.ndim - 1)))
         x_s = torch.where(first, noise, self.process.add_noise(batch.real_latents, noise, s))
         return self.nets.student(x_s, s, batch.condition).x0, s
@@ -88,7 +89,7 @@ class AdversarialDistillation:
     # -- the discriminator --------------------------------------------------------------------
     def discriminator_timesteps(self, size: int, device: torch.device) -> torch.Tensor:
         """t̂ = T · sigmoid(m + s z) (LADD's logit-normal draw) in the teacher's timestep units."""
-        fractions = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(size))
+        fractions = torch.sigmoid(self.logit_mean + self.logit_std * draws.randn((size,)))
         return torch.tensor([self.process.timestep_at(float(u)) for u in fractions], dtype=torch.float32, device=device)
 
     def discriminator_input(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ class AdversarialDistillation:
     def generator_loss(self, batch: Batch) -> Losses:
         x0, s = self.generate(batch)
         t = self.discriminator_timesteps(batch.size, batch.device)
-        fake = self.discriminator_input(x0, t, torch.randn_like(x0))
+        fake = self.discriminator_input(x0, t, draws.randn_like(x0))
         losses: Losses = {"adversarial": adversarial_losses.generator_loss(self.logits(fake, t, batch.condition),
                                                                            self.loss_kind)}
         total = losses["adversarial"]
@@ -117,7 +118,7 @@ class AdversarialDistillation:
         """ADD eq. 5: c(t) ‖x̂0 − sg(x̂0_teacher(α_t x̂0 + σ_t ε, t))‖², t uniform, c(t) = α_t² (ᾱ_t on VP)."""
         t = self.process.sample_timesteps(batch.size, 0, self.process.max_timestep, device=batch.device)
         with torch.no_grad():
-            x_t = self.process.add_noise(x0.detach(), torch.randn_like(x0), t)
+            x_t = self.process.add_noise(x0.detach(), draws.randn_like(x0), t)
             target = self.nets.teacher(x_t, t, batch.condition, batch.unconditional, self.guidance_scale).x0
         weight = self.process.alpha(t, x0).square()
         return (weight * (x0.float() - target.float()).square()).mean()
@@ -126,8 +127,8 @@ class AdversarialDistillation:
         with torch.no_grad():
             x0, _ = self.generate(batch)
         t = self.discriminator_timesteps(batch.size, batch.device)
-        real = self.discriminator_input(batch.real_latents, t, torch.randn_like(x0))
-        fake = self.discriminator_input(x0, t, torch.randn_like(x0))
+        real = self.discriminator_input(batch.real_latents, t, draws.randn_like(x0))
+        fake = self.discriminator_input(x0, t, draws.randn_like(x0))
         losses: Losses = {"adversarial": adversarial_losses.critic_loss(self.logits(real, t, batch.condition),
                                                                         self.logits(fake, t, batch.condition),
                                                                         self.loss_kind)}

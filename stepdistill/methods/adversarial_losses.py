@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from stepdistill import draws
+
 GAN_LOSSES = ("non_saturating", "hinge")
 
 
@@ -62,5 +64,5 @@ def approximate_r1_penalty(discriminate: Callable[[torch.Tensor], torch.Tensor],
                            sigma: float = 0.01) -> torch.Tensor:
     """E(D(x + σε) − D(x))², about σ² times :func:`r1_penalty` for small σ; one extra forward, no double backward."""
     real = real.detach()
-    perturbed = per_image(discriminate(real + sigma * torch.randn_like(real)))
+    perturbed = per_image(discriminate(real + sigma * draws.randn_like(real)))
     return (perturbed - per_image(discriminate(real))).square().mean()

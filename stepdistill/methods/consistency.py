@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stepdistill import draws
 from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess, ddim_step
 from stepdistill.methods.base import Batch, Losses
@@ -250,11 +251,11 @@ class ConsistencyDistillation:
         x0 = batch.real_latents
         device = x0.device
         # 1. a solver step n ~ U{1..N} on the teacher's grid, and the boundary index of its segment
-        n = torch.randint(1, len(self.grid), (batch.size,))
+        n = draws.randint(1, len(self.grid), (batch.size,))
         boundary = (n - 1) // self.steps_per_segment * self.steps_per_segment
         t, t_prev = self.grid[n].to(device), self.grid[n - 1].to(device)
         # 2. forward process: x_t = α_t x0 + σ_t ε
-        x_t = self.process.add_noise(x0, torch.randn_like(x0), t)
+        x_t = self.process.add_noise(x0, draws.randn_like(x0), t)
         # 3. target: the teacher's DDIM step t → t_prev guided at w ~ U[w_min, w_max], then f_θ⁻ there (no gradient)
         w = torch.empty(batch.size, device=device).uniform_(self.guidance_scale_min, self.guidance_scale_max)
         embedded = w if self.embeds_guidance else None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stepdistill import conditioning
+from stepdistill import conditioning, draws
 from stepdistill.conditioning import Condition
 from stepdistill.methods.base import Batch, Losses
 from stepdistill.methods.fake_score import FakeScoreDistillation
@@ -87,7 +87,7 @@ class DMD2(FakeScoreDistillation):
 
     def _regression_loss(self, batch_size: int, device: torch.device) -> torch.Tensor:
         noise, condition, target = self.regression_pairs
-        pick = torch.randint(len(noise), (batch_size,))
+        pick = draws.randint(0, len(noise), (batch_size,))
         t = torch.full((batch_size,), float(self.student_timesteps[0]), device=device)
         condition = conditioning.to(conditioning.select(condition, pick), device)
         return F.mse_loss(self._student_x0(noise[pick].to(device), t, condition), target[pick].to(device))

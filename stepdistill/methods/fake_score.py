@@ -23,11 +23,12 @@ trained with the fake score and pushes the student towards "real".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from stepdistill import sharding
+from stepdistill import draws, sharding
 from stepdistill.conditioning import Condition
 from stepdistill.diffusion import NoiseProcess, VPProcess, few_step_sample
 from stepdistill.methods import adversarial_losses
@@ -110,14 +111,14 @@ class FakeScoreDistillation:
         uniformly from the student's timesteps and x_{t_k} comes from running the student's own
         sampler for k steps without gradient (backward simulation). Also returns what the fake score
         is told of x's origin: k per sample for a per-step fake score, else ``None``."""
-        noise = torch.randn((batch.size, *self.latent_shape), device=batch.device)
+        noise = draws.randn((batch.size, *self.latent_shape), device=batch.device)
         steps = self.student_timesteps
         k = sharding.agreed(int(torch.randint(len(steps), ()))) if len(steps) > 1 else 0  # one k for all processes
         if k > 0:
             with torch.no_grad():
                 noise = few_step_sample(
                     lambda x, t: self._student_x0(x, t, batch.condition), noise, steps, self.process, stop_before=k,
-                    draw_noise=self.nets.student.backbone.draw_noise,
+                    draw_noise=partial(draws.rows, self.nets.student.backbone.draw_noise),
                 )
         t = torch.full((batch.size,), float(steps[k]), device=noise.device)
         step = torch.full((batch.size,), k, dtype=torch.long, device=noise.device) if self.per_step_fake_score else None
@@ -126,7 +127,7 @@ class FakeScoreDistillation:
     def noised(self, x: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, ε) with t drawn by the process's sampler from [low, high] and x_t = α_t x + σ_t ε."""
         t = self.process.sample_timesteps(x.shape[0], low, high, device=x.device)
-        eps = torch.randn_like(x)
+        eps = draws.randn_like(x)
         return self.process.add_noise(x, eps, t), t, eps
 
     def score_timestep_range(self) -> tuple[float, float]:
@@ -154,7 +155,7 @@ class FakeScoreDistillation:
             if batch.real_latents is None:
                 raise ValueError("the GAN term needs real images in the batch (real_latents)")
             fake_gan, gan_t, _ = self.noised(x, 0, self.gan_max_timestep)
-            real_gan = self.process.add_noise(batch.real_latents, torch.randn_like(batch.real_latents), gan_t)
+            real_gan = self.process.add_noise(batch.real_latents, draws.randn_like(batch.real_latents), gan_t)
             losses["gan_critic"] = adversarial_losses.critic_loss(
                 self.nets.discriminator(self.nets.fake_score.features(real_gan, gan_t, batch.condition, step)),
                 self.nets.discriminator(self.nets.fake_score.features(fake_gan, gan_t, batch.condition, step)),

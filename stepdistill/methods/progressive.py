@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stepdistill import draws
 from stepdistill.diffusion import NoiseProcess, Prediction
 from stepdistill.methods.base import Batch, Losses
 from stepdistill.models.denoiser import Denoiser, guided
@@ -226,7 +227,7 @@ class ProgressiveDistillation:
         w = torch.empty(batch.size, device=x0.device).uniform_(self.guidance_scale_min, self.guidance_scale_max)
         if self.stages[self.stage] == GUIDANCE_STAGE:
             t, (alpha, sigma) = self._any_timesteps(batch.size, x0)
-            z_t = alpha * x0 + sigma * torch.randn_like(x0)
+            z_t = alpha * x0 + sigma * draws.randn_like(x0)
             with torch.no_grad():
                 target = self.teacher_prediction(z_t, t, batch, w).x0
         else:
@@ -246,12 +247,12 @@ class ProgressiveDistillation:
         made from two teacher DDIM steps (module docstring); the current stage must be a halving one."""
         steps = self.stages[self.stage]
         grid, (alphas, sigmas) = self.grids[2 * steps], self.coefficients[2 * steps]
-        i = 2 * torch.randint(0, steps, (batch.size,))
+        i = 2 * draws.randint(0, steps, (batch.size,))
         shape = (-1, *([1] * (x0.ndim - 1)))
         t, t_mid = (grid[j].float().to(x0.device) for j in (i, i + 1))
         alpha, sigma, alpha_mid, sigma_mid, alpha_end, sigma_end = (
             c[j].to(x0).reshape(shape) for j in (i, i + 1, i + 2) for c in (alphas, sigmas))
-        z_t = alpha * x0 + sigma * torch.randn_like(x0)
+        z_t = alpha * x0 + sigma * draws.randn_like(x0)
         with torch.no_grad():
             first = self.teacher_prediction(z_t, t, batch, w)
             z_mid = alpha_mid * first.x0 + sigma_mid * first.eps

@@ -14,7 +14,7 @@ from accelerate.utils import set_seed
 
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from stepdistill import conditioning, export
+from stepdistill import conditioning, draws, export
 from stepdistill import config as configs
 from stepdistill.config import ConfigError
 from stepdistill.data import digits
@@ -117,7 +117,7 @@ def in_memory_batches(cfg: RunConfig, teacher: Teacher, device: torch.device) ->
     unconditional = conditioning.to(conditioning.expand(teacher.encode_unconditional(), cfg.train_batch_size), device)
 
     def next_batch() -> Batch:
-        pick = torch.randint(conditioning.batch_size(condition), (cfg.train_batch_size,))
+        pick = draws.randint(0, conditioning.batch_size(condition), (cfg.train_batch_size,))
         return Batch(condition=conditioning.to(conditioning.select(condition, pick), device), unconditional=unconditional,
                      real_latents=real_latents[pick].to(device))
 

@@ -53,3 +53,10 @@ def test_reading_ahead_does_not_move_the_position():
     assert order.examples_read == 0
     order.advance()
     assert order.examples_read == 4 and order.epoch == 0
+
+
+@pytest.mark.parametrize("start", [0, 5])  # the first batch; one across the processes' epoch boundary (6 each)
+def test_two_processes_read_the_rows_of_one_process_batch_keyed_alike(start):
+    one = EpochOrder(12, batch_size=4, seed=0).batch_at(2 * start)
+    two = [EpochOrder(12, batch_size=2, seed=0, rank=rank, num_processes=2).batch_at(start) for rank in (0, 1)]
+    assert [pair for rows in zip(*two) for pair in rows] == one  # rows 0, 2 on process 0; 1, 3 on process 1

@@ -75,12 +75,12 @@ def test_image_folder_images_are_centre_cropped_squares_in_the_unit_range(tmp_pa
     assert (images[:, :, :, 8] > 0.9).all() and (images[:, :, :, 0] == -1).all()  # the stripe stays centred
 
 
-def test_random_crops_and_flips_depend_on_the_position_only(tmp_path):
+def test_random_crops_and_flips_depend_on_the_place_only(tmp_path):
     folder = write_image_folder(tmp_path / "images", sizes=((64, 16),))
     examples = TrainingExamples(ImageFolder(folder), 16, center_crop=False, random_flip=True, seed=3)
-    crops = [examples[(0, position)]["pixels"] for position in range(8)]
-    assert torch.equal(crops[5], examples[(0, 5)]["pixels"])  # the same position, the same crop
-    assert len({tuple(crop[0, 0].tolist()) for crop in crops}) > 1  # other positions, other squares
+    crops = [examples[(0, place)]["pixels"] for place in range(8)]
+    assert torch.equal(crops[5], examples[(0, 5)]["pixels"])  # the same place, the same crop
+    assert len({tuple(crop[0, 0].tolist()) for crop in crops}) > 1  # other places, other squares
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_an_image", "missing"])
