@@ -53,6 +53,7 @@ from stepdistill.config import ConfigError, field
 from stepdistill.data import digits
 from stepdistill.evaluation import plots, report
 from stepdistill.evaluation.digits_metrics import DigitsEvaluator
+from stepdistill.evaluation.grid import save_grid
 from stepdistill.evaluation.sampling import generate
 from stepdistill.models.loading import load_pipeline
 
@@ -288,8 +289,9 @@ def teacher_rows(cfg: BenchConfig, prompts: list[str], scorers: report.Scorers, 
             row = report.Result(**cache[key(steps, scale)])
             if steps not in missing:
                 timed = prompts[:TIMING_SAMPLES]
-                _, seconds = generate(teacher, timed, steps, scale, seed=seed)
+                images, seconds = generate(teacher, timed, steps, scale, seed=seed)
                 row.images_per_s = len(timed) / seconds
+                save_grid(images[:100], grids / f"grid_teacher_steps{steps}_cfg{scale:g}.png")  # as evaluate draws it
             rows.append(row)
     if cfg.cache_teacher_rows:
         cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")

@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 
 import pytest
+import torch
 from notebook_runner import execute, printed
 
 from stepdistill import bench, bench_data
@@ -145,13 +146,15 @@ def test_teacher_rows_are_scored_once_per_teacher_evaluator_samples_and_seed(tmp
     def no_sampling(*args, **kwargs):
         raise AssertionError("a cached teacher row was scored again")
 
-    def timed(pipe, timed_prompts, steps, scale, seed):  # a cached row is only timed again
-        return None, len(timed_prompts) / (100.0 * steps)
+    def timed(pipe, timed_prompts, steps, scale, seed):  # a cached row is only timed (and its grid drawn) again
+        return torch.zeros(len(timed_prompts), 3, 8, 8), len(timed_prompts) / (100.0 * steps)
 
     monkeypatch.setattr(bench.report, "evaluate", no_sampling)
     monkeypatch.setattr(bench, "generate", timed)
+    shutil.rmtree(tmp_path / "grids")
     again = bench.teacher_rows(cfg, prompts, scorers, tmp_path / "grids", seed=0)
     assert [r.images_per_s for r in again] == [100.0, 200.0]
+    assert (tmp_path / "grids" / "grid_teacher_steps2_cfg1.5.png").is_file()
     assert [replace(r, images_per_s=0) for r in again] == [replace(r, images_per_s=0) for r in scored]
     monkeypatch.undo()
     other_seed = bench.teacher_rows(cfg, prompts, scorers, tmp_path / "grids", seed=1)
