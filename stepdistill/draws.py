@@ -65,3 +65,8 @@ def rand(shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor
 def randint(low: int, high: int, shape: Sequence[int]) -> torch.Tensor:
     """Integers drawn uniformly from {low, …, high − 1}."""
     return rows(lambda size: torch.randint(low, high, size), shape)
+
+
+def uniform(low: float, high: float, shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Numbers drawn uniformly from [low, high) (``Tensor.uniform_``)."""
+    return rows(lambda size: torch.empty(size, device=device).uniform_(low, high), shape)

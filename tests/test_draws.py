@@ -27,6 +27,7 @@ DRAWS = {  # each at a batch of the given size
         memory_format=torch.channels_last)),  # drawn in its layout, as torch.randn_like draws it
     "rand": lambda size: draws.rand((size,), dtype=torch.float64),
     "randint": lambda size: draws.randint(5, 1000, (size,)),
+    "uniform": lambda size: draws.uniform(1.0, 2.0, (size,)),
     "rows": lambda size: draws.rows(lambda shape, scale: scale * torch.randn(shape), (size, 3), scale=2.0),
 }
 
@@ -47,7 +48,8 @@ def test_one_process_draws_what_torch_draws():
     for ours, torchs in [(lambda: draws.randn((2, 3)), lambda: torch.randn((2, 3))),
                          (lambda: draws.randn_like(strided), lambda: torch.randn_like(strided)),
                          (lambda: draws.rand((5,)), lambda: torch.rand(5)),
-                         (lambda: draws.randint(0, 9, (5,)), lambda: torch.randint(9, (5,)))]:
+                         (lambda: draws.randint(0, 9, (5,)), lambda: torch.randint(9, (5,))),
+                         (lambda: draws.uniform(1.0, 2.0, (5,)), lambda: torch.empty(5).uniform_(1.0, 2.0))]:
         torch.manual_seed(3)
         expected = torchs()
         torch.manual_seed(3)

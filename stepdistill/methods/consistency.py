@@ -257,7 +257,7 @@ class ConsistencyDistillation:
         # 2. forward process: x_t = α_t x0 + σ_t ε
         x_t = self.process.add_noise(x0, draws.randn_like(x0), t)
         # 3. target: the teacher's DDIM step t → t_prev guided at w ~ U[w_min, w_max], then f_θ⁻ there (no gradient)
-        w = torch.empty(batch.size, device=device).uniform_(self.guidance_scale_min, self.guidance_scale_max)
+        w = draws.uniform(self.guidance_scale_min, self.guidance_scale_max, (batch.size,), device=device)
         embedded = w if self.embeds_guidance else None
         with torch.no_grad():
             x_prev = self.teacher_step(x_t, t, t_prev, batch, w)

@@ -224,7 +224,7 @@ class ProgressiveDistillation:
         if batch.real_latents is None:
             raise ValueError("progressive distillation noises real images: the batch needs real_latents")
         x0 = batch.real_latents
-        w = torch.empty(batch.size, device=x0.device).uniform_(self.guidance_scale_min, self.guidance_scale_max)
+        w = draws.uniform(self.guidance_scale_min, self.guidance_scale_max, (batch.size,), device=x0.device)
         if self.stages[self.stage] == GUIDANCE_STAGE:
             t, (alpha, sigma) = self._any_timesteps(batch.size, x0)
             z_t = alpha * x0 + sigma * draws.randn_like(x0)
