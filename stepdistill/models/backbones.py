@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from stepdistill.conditioning import Condition
 from stepdistill.models.loading import PipelineError
@@ -46,14 +48,29 @@ TRANSFORMER_LORA_TARGETS = (  # joint attention of both streams, their feed-forw
 FLUX_MAX_SEQUENCE_LENGTH = 512  # T5 tokens, FluxPipeline's default: training conditions must be the ones it samples with
 
 
+class _LayersCaptured(Exception):
+    """Ends a forward pass of :func:`layer_outputs` once every layer asked for has given its output."""
+
+
 def layer_outputs(network: nn.Module, layers: tuple[str, ...], forward: Callable[[], object]) -> dict[str, object]:
     """The outputs of the submodules ``layers`` of ``network`` while ``forward()`` runs, by name (forward
-    hooks, removed afterwards; the pass runs to its end)."""
+    hooks, removed afterwards). The pass stops once all of them have run: features of a UNet's down and
+    middle blocks skip its up blocks, which hold over half its compute. A network laid out by FSDP runs
+    to its end, as its units gather and free their weights in hooks that a pass must complete."""
     captured: dict[str, object] = {}
-    hooks = [network.get_submodule(name).register_forward_hook(
-        lambda module, inputs, output, name=name: captured.setdefault(name, output)) for name in layers]
+    wanted = set(layers)
+    stop_early = not isinstance(network, FSDPModule)
+
+    def keep(module: nn.Module, inputs, output, name: str) -> None:
+        captured.setdefault(name, output)
+        if stop_early and captured.keys() == wanted:
+            raise _LayersCaptured
+
+    hooks = [network.get_submodule(name).register_forward_hook(partial(keep, name=name)) for name in wanted]
     try:
         forward()
+    except _LayersCaptured:
+        pass
     finally:
         for hook in hooks:
             hook.remove()
@@ -98,7 +115,7 @@ class Backbone:
         layers: tuple[str, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The outputs of ``layers`` (default: :attr:`feature_layer`), each as a map ``(B, C, h, w)``,
-        by module name; one forward pass that runs to its end."""
+        by module name; the pass stops after the last of them (:func:`layer_outputs`)."""
         captured = layer_outputs(network, layers or (self.feature_layer,),
                                  lambda: self(network, x_t, t, condition, guidance=guidance, class_labels=class_labels))
         return {name: self.feature_map(output, x_t) for name, output in captured.items()}

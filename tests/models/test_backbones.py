@@ -45,6 +45,27 @@ def test_each_pipeline_gets_its_adapter_and_conditions(backbone_dirs, name, adap
         assert torch.equal(flat, output)
 
 
+@pytest.mark.parametrize("name, last", [("sd", "conv_out"), ("sd3", "proj_out")])
+def test_features_stop_after_their_last_layer_with_a_full_pass_outputs(backbone_dirs, name, last):
+    teacher = load_teacher(str(backbone_dirs[name]), resolution=32)
+    condition = teacher.encode_prompts(["a handwritten digit one", "a handwritten digit two"])
+    x, t = torch.randn((2, *teacher.latent_shape)), torch.tensor([500.0, 900.0])
+    layers = (teacher.backbone.feature_layer,)
+    ran, full = [], {}
+    hooks = [teacher.network.get_submodule(last).register_forward_hook(lambda *args: ran.append(last)),
+             teacher.network.get_submodule(layers[0]).register_forward_hook(
+                 lambda module, inputs, output: full.setdefault("output", output))]
+    features = teacher.backbone.features(teacher.network, x, t, condition, layers=layers)
+    assert ran == []  # the blocks after the feature layer did not run
+    full.clear()
+    teacher.backbone(teacher.network, x, t, condition)  # a whole pass: the network's output layer runs
+    for hook in hooks:
+        hook.remove()
+    assert ran == [last]
+    output = full["output"][1] if name == "sd3" else full["output"]
+    assert torch.equal(features[layers[0]].flatten(2).transpose(1, 2) if name == "sd3" else features[layers[0]], output)
+
+
 def test_flux_packing_round_trips_like_the_pipeline(backbone_dirs):
     teacher = load_teacher(str(backbone_dirs["flux"]), resolution=32)
     latents = torch.randn(2, *teacher.latent_shape)
