@@ -14,7 +14,8 @@ Synthesis with Latent Adversarial Diffusion Distillation" (Sauer et al., 2024); 
        extractor's features (LADD: the teacher's blocks on both re-noised at t̂; ADD: a pixel network
        on both decoded), hinge loss plus an R1 penalty on the real side;
     2. one generator update: the student, fed real latents noised at one of its timesteps, is pushed
-       to make the discriminator call its x̂0 real (ADD adds λ ᾱ_t ‖x̂0 − x̂0_teacher‖²).
+       to make the discriminator call its x̂0 real, plus λ ᾱ_t ‖x̂0 − x̂0_teacher‖² (ADD's term, λ = 2.5 for
+       both methods by default; LADD's paper drops it).
 
 The student starts from pure noise at its first timestep as DMD2's does (``--conditioning_timestep``)
 and is exported for plain diffusers (full pipeline, or LoRA weights) and scored.
