@@ -12,7 +12,7 @@ from stepdistill.assets import PRESETS_DIR, SHIPPED_TEACHERS, pipeline_location
 
 PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
 CONFIG_CLASSES = {"dmd2": "DMD2Config", "sid": "SiDConfig", "consistency": "ConsistencyConfig",
-                  "progressive": "ProgressiveConfig"}
+                  "progressive": "ProgressiveConfig", "add": "AddConfig"}
 
 
 def test_the_readmes_tuned_commands_ship_as_presets():
